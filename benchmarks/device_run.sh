@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build with the CUDA kernels, run the whole test suite (CUDA
+# tests included), the sanitizers on the CUDA tests, then the benchmarks named in $BENCH.
+# Logs land in $OUT (or ./device_logs). Usage: benchmarks/device_run.sh [stage ...]
+# stages: build tests sanitize bench (default: all)
+set -uo pipefail
+OUT=${OUT:-$PWD/device_logs}
+mkdir -p "$OUT"
+stages=${*:-build tests sanitize bench}
+export PYTHONUNBUFFERED=1 PYRAMID_KV_CUDA=ON
+log() { echo "== $* ($(date +%T))"; }
+
+if [[ " $stages " == *" build "* ]]; then
+  log build
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 \
+    || { tail -50 "$OUT/build.log"; exit 1; }
+  python3 -m pyramid_kv info | tee "$OUT/info.txt"
+fi
+if [[ " $stages " == *" tests "* ]]; then
+  log tests
+  python3 -m pytest -q -rs tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+if [[ " $stages " == *" sanitize "* ]]; then
+  for tool in memcheck racecheck; do
+    log "compute-sanitizer $tool"
+    PYRAMID_KV_EXAMPLES=4 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest -q -x -m cuda ${SANITIZE_ARGS:--k "not large and not torch_compile"} tests \
+      > "$OUT/sanitize_$tool.log" 2>&1
+    echo "exit $? ($tool)"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
+  done
+fi
+if [[ " $stages " == *" bench "* ]]; then
+  for b in ${BENCH:-}; do
+    log "bench $b"
+    python3 "benchmarks/bench_$b.py" 2>&1 | tee "$OUT/bench_$b.log" | tail -40
+  done
+  cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+fi
+log done

@@ -1,0 +1,194 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace pyramid_kv {
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_last_dim_contiguous(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+                    " must be contiguous in its last dimension (stride(-1) == 1), got strides ",
+                    t.strides());
+}
+
+void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
+                    " (", ref.device(), "), got ", t.device());
+}
+
+void check_lengths(const Tensor& lengths, const Tensor& ref, int64_t n, const char* name) {
+  check_same_device(lengths, ref, name, "the data");
+  TORCH_CHECK_TYPE(is_index_dtype(lengths.scalar_type()), name,
+                   " must be int32 or int64, got ", lengths.scalar_type());
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == n, name, " must have shape [", n,
+                    "], got ", lengths.sizes());
+}
+
+}  // namespace
+
+bool is_index_dtype(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
+
+EnsembleDims check_ensemble_scores(const Tensor& q, const Tensor& k, const Tensor& lengths,
+                                   const OptTensor& row_weights, const OptTensor& lse,
+                                   double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, Hq, W, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, "k must be 4-D [B, Hkv, N, D], got shape ", k.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(q.scalar_type()),
+                   "q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (",
+                   q.scalar_type(), "), got ", k.scalar_type());
+  check_same_device(k, q, "k", "q");
+  const EnsembleDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK_VALUE(k.size(0) == d.B, "k must have the batch size of q (", d.B, "), got ",
+                    k.size(0));
+  TORCH_CHECK_VALUE(k.size(3) == d.D, "k must have the head dim of q (", d.D, "), got ",
+                    k.size(3));
+  TORCH_CHECK_VALUE(d.Hkv > 0 || d.Hq == 0, "k must have at least one KV head");
+  TORCH_CHECK_VALUE(d.Hkv == 0 || d.Hq % d.Hkv == 0, "q heads (", d.Hq,
+                    ") must be a multiple of k heads (", d.Hkv, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_lengths(lengths, q, d.B, "lengths");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be finite and > 0, got ",
+                    scale);
+  if (row_weights) {
+    const Tensor& w = *row_weights;
+    check_same_device(w, q, "row_weights", "q");
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "row_weights must be float32, got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == d.B && w.size(1) == d.W,
+                      "row_weights must have shape [B, W] = [", d.B, ", ", d.W, "], got ",
+                      w.sizes());
+  }
+  if (lse) {
+    const Tensor& l = *lse;
+    check_same_device(l, q, "lse", "q");
+    TORCH_CHECK_TYPE(l.scalar_type() == at::kFloat, "lse must be float32, got ",
+                     l.scalar_type());
+    TORCH_CHECK_VALUE(l.dim() == 3 && l.size(0) == d.B && l.size(1) == d.Hq && l.size(2) == d.W,
+                      "lse must have shape [B, Hq, W] = [", d.B, ", ", d.Hq, ", ", d.W,
+                      "], got ", l.sizes());
+  }
+  return d;
+}
+
+SelectDims check_select(const Tensor& scores, const Tensor& lengths, const OptTensor& budget,
+                        bool by_mass, int64_t sink, int64_t recent, int64_t min_keep,
+                        int64_t capacity) {
+  TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be 2-D [S, N], got shape ", scores.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(scores.scalar_type()),
+                   "scores must be float32, float16 or bfloat16, got ", scores.scalar_type());
+  check_last_dim_contiguous(scores, "scores");
+  const SelectDims d{scores.size(0), scores.size(1)};
+  check_lengths(lengths, scores, d.S, "lengths");
+  const char* name = by_mass ? "maybe_top_p" : "maybe_top_k";
+  if (budget) {
+    check_same_device(*budget, scores, name, "scores");
+    if (by_mass) {
+      TORCH_CHECK_TYPE(budget->scalar_type() == at::kFloat, name, " must be float32, got ",
+                       budget->scalar_type());
+    } else {
+      TORCH_CHECK_TYPE(is_index_dtype(budget->scalar_type()), name,
+                       " must be int32 or int64, got ", budget->scalar_type());
+    }
+    TORCH_CHECK_VALUE(budget->dim() == 1 && budget->size(0) == d.S, name,
+                      " must have shape [S] = [", d.S, "], got ", budget->sizes());
+  }
+  TORCH_CHECK_VALUE(sink >= 0, "sink must be >= 0, got ", sink);
+  TORCH_CHECK_VALUE(recent >= 0, "recent must be >= 0, got ", recent);
+  TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
+  TORCH_CHECK_VALUE(capacity >= 0, "capacity must be >= 0, got ", capacity);
+  TORCH_CHECK_VALUE(capacity >= std::min(d.N, sink + recent),
+                    "capacity (", capacity, ") must hold the forced positions: at least min(N, ",
+                    "sink + recent) = ", std::min(d.N, sink + recent));
+  TORCH_CHECK_VALUE(capacity >= std::min(d.N, min_keep), "capacity (", capacity,
+                    ") must be at least min(N, min_keep) = ", std::min(d.N, min_keep));
+  return d;
+}
+
+void check_top_p(double top_p) {
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
+}
+
+void check_top_k(int64_t top_k) {
+  TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0, got ", top_k);
+}
+
+CompactDims check_compact(at::TensorList src, const Tensor& indices, const Tensor& counts) {
+  TORCH_CHECK_VALUE(!src.empty(), "src must hold at least one tensor");
+  const Tensor& s0 = src[0];
+  TORCH_CHECK_TYPE(is_index_dtype(indices.scalar_type()), "indices must be int32 or int64, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_TYPE(is_index_dtype(counts.scalar_type()), "counts must be int32 or int64, got ",
+                   counts.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 2 || indices.dim() == 3,
+                    "indices must be [B, C] (per sequence) or [B, H, C] (per head), got shape ",
+                    indices.sizes());
+  check_same_device(indices, s0, "indices", "src[0]");
+  check_same_device(counts, s0, "counts", "src[0]");
+  check_last_dim_contiguous(indices, "indices");
+  CompactDims d{};
+  d.B = indices.size(0);
+  d.C = indices.size(-1);
+  d.heads = indices.dim() == 3 ? indices.size(1) : 0;
+  const auto expected_counts = indices.sizes().slice(0, indices.dim() - 1);
+  TORCH_CHECK_VALUE(counts.sizes() == expected_counts, "counts must have shape ",
+                    expected_counts, " (indices without its last dim), got ", counts.sizes());
+  for (size_t t = 0; t < src.size(); ++t) {
+    const Tensor& s = src[t];
+    TORCH_CHECK_VALUE(s.dim() == 4, "src[", t, "] must be 4-D [B, H, N, D], got shape ",
+                      s.sizes());
+    check_same_device(s, s0, "src tensors", "src[0]");
+    TORCH_CHECK_VALUE(s.size(0) == d.B, "src[", t, "] must have the batch size of indices (",
+                      d.B, "), got ", s.size(0));
+    TORCH_CHECK_VALUE(s.size(2) == s0.size(2), "src[", t, "] must have the token count of src[0] (",
+                      s0.size(2), "), got ", s.size(2));
+    TORCH_CHECK_VALUE(d.heads == 0 || s.size(1) == d.heads, "src[", t,
+                      "] must have as many heads as the per-head indices (", d.heads, "), got ",
+                      s.size(1));
+    check_last_dim_contiguous(s, "src tensors");
+  }
+  d.N = s0.size(2);
+  return d;
+}
+
+void check_compact_out(at::TensorList src, const CompactDims& dims, at::TensorList out) {
+  TORCH_CHECK_VALUE(out.size() == src.size(), "out must hold one tensor per src tensor (",
+                    src.size(), "), got ", out.size());
+  for (size_t t = 0; t < out.size(); ++t) {
+    const Tensor& o = out[t];
+    const Tensor& s = src[t];
+    TORCH_CHECK_TYPE(o.scalar_type() == s.scalar_type(), "out[", t, "] must have the dtype of src[",
+                     t, "] (", s.scalar_type(), "), got ", o.scalar_type());
+    check_same_device(o, s, "out tensors", "src");
+    TORCH_CHECK_VALUE(o.dim() == 4 && o.size(0) == s.size(0) && o.size(1) == s.size(1) &&
+                          o.size(3) == s.size(3) && o.size(2) >= dims.C,
+                      "out[", t, "] must have shape [B, H, >= C, D] = [", s.size(0), ", ",
+                      s.size(1), ", >=", dims.C, ", ", s.size(3), "], got ", o.sizes());
+    check_last_dim_contiguous(o, "out tensors");
+    for (size_t u = 0; u < src.size(); ++u) {
+      // Overlap of storages is a conservative proxy for aliasing; in-place compaction is
+      // a separate, ordered kernel.
+      const bool overlap = o.numel() > 0 && src[u].numel() > 0 &&
+                           o.storage().is_alias_of(src[u].storage());
+      TORCH_CHECK_VALUE(!overlap, "out[", t, "] must not share memory with src[", u, "]");
+    }
+  }
+}
+
+void check_lengths_values(const Tensor& lengths_cpu, int64_t N, const char* name) {
+  const Tensor l = lengths_cpu.to(at::kLong);
+  const int64_t* p = l.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < l.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] <= N, name, "[", i, "] = ", p[i],
+                      " is outside [0, N=", N, "]");
+  }
+}
+
+}  // namespace pyramid_kv

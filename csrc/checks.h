@@ -1,0 +1,39 @@
+// Argument checks shared by the CPU and CUDA implementations of every op: one place for the
+// shape, dtype and device rules of docs/ops.md. Errors name the offending argument.
+#pragma once
+
+#include "ops.h"
+
+namespace pyramid_kv {
+
+struct EnsembleDims {
+  int64_t B, Hq, Hkv, W, N, D;
+};
+EnsembleDims check_ensemble_scores(const Tensor& q, const Tensor& k, const Tensor& lengths,
+                                   const OptTensor& row_weights, const OptTensor& lse,
+                                   double scale);
+
+struct SelectDims {
+  int64_t S, N;
+};
+// `budget` is maybe_top_p (float32) or maybe_top_k (int32/int64).
+SelectDims check_select(const Tensor& scores, const Tensor& lengths, const OptTensor& budget,
+                        bool by_mass, int64_t sink, int64_t recent, int64_t min_keep,
+                        int64_t capacity);
+void check_top_p(double top_p);
+void check_top_k(int64_t top_k);
+
+struct CompactDims {
+  int64_t B, N, C;     // batch, source tokens, index capacity
+  int64_t heads;       // heads of per-head indices, 0 for per-sequence indices
+};
+CompactDims check_compact(at::TensorList src, const Tensor& indices, const Tensor& counts);
+void check_compact_out(at::TensorList src, const CompactDims& dims, at::TensorList out);
+
+// Value checks: CPU kernels run them inline (no cost); CUDA kernels cannot without a host
+// sync, so they clamp instead and the Python wrappers validate on request.
+void check_lengths_values(const Tensor& lengths_cpu, int64_t N, const char* name);
+
+bool is_index_dtype(at::ScalarType t);
+
+}  // namespace pyramid_kv

@@ -1,0 +1,57 @@
+// Small torch-free helpers shared by the CUDA kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pyramid_kv::kernels {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Lengths, counts and indices arrive as int32 or int64 tensors; one pointer type reads both.
+struct IndexArray {
+  const void* ptr;
+  bool is64;
+  __device__ __forceinline__ int64_t operator[](int64_t i) const {
+    return is64 ? static_cast<const int64_t*>(ptr)[i] : static_cast<const int32_t*>(ptr)[i];
+  }
+};
+
+__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// Order-preserving map of a float score to an unsigned key (docs/ops.md): NaN ranks as -inf
+// and -0 equals +0, so unsigned comparison of keys is the score order.
+__device__ __forceinline__ uint32_t order_key(float s) {
+  if (s != s) s = -__int_as_float(0x7f800000);
+  if (s == 0.0f) s = 0.0f;
+  const uint32_t u = __float_as_uint(s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Inverse of order_key, as mass for top-p: max(score, 0).
+__device__ __forceinline__ float key_mass(uint32_t key) {
+  if (!(key & 0x80000000u)) return 0.0f;  // negative scores carry no mass
+  return __uint_as_float(key & 0x7fffffffu);
+}
+
+// A register type of exactly N bytes, for vector loads and stores.
+template <int N> struct Bytes;
+template <> struct Bytes<16> { using type = uint4; };
+template <> struct Bytes<8> { using type = uint2; };
+template <> struct Bytes<4> { using type = uint32_t; };
+template <> struct Bytes<2> { using type = uint16_t; };
+template <> struct Bytes<1> { using type = uint8_t; };
+
+inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+}  // namespace pyramid_kv::kernels

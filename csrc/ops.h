@@ -1,0 +1,35 @@
+// Declarations of the op implementations bound in registration.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace pyramid_kv {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+#define PYRAMID_KV_DECLARE_OPS(DEV)                                                        \
+  Tensor ensemble_scores_##DEV(const Tensor& q, const Tensor& k, const Tensor& lengths,     \
+                               const OptTensor& row_weights, const OptTensor& lse,          \
+                               double scale);                                               \
+  std::tuple<Tensor, Tensor> select_top_p_##DEV(                                            \
+      const Tensor& scores, const Tensor& lengths, const OptTensor& maybe_top_p,             \
+      double top_p, int64_t sink, int64_t recent, int64_t min_keep, int64_t capacity);       \
+  std::tuple<Tensor, Tensor> select_top_k_##DEV(                                            \
+      const Tensor& scores, const Tensor& lengths, const OptTensor& maybe_top_k,             \
+      int64_t top_k, int64_t sink, int64_t recent, int64_t min_keep, int64_t capacity);      \
+  std::vector<Tensor> compact_##DEV(at::TensorList src, const Tensor& indices,             \
+                                    const Tensor& counts);                                  \
+  void compact_out_##DEV(at::TensorList src, const Tensor& indices, const Tensor& counts,   \
+                         at::TensorList out);
+
+PYRAMID_KV_DECLARE_OPS(cpu)
+PYRAMID_KV_DECLARE_OPS(cuda)
+
+#undef PYRAMID_KV_DECLARE_OPS
+
+}  // namespace pyramid_kv

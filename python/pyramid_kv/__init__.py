@@ -1,0 +1,28 @@
+"""pyramid_kv: KV-cache compression for LLM inference (PyramidInfer and cross-layer sharing).
+
+The kernels are torch custom ops under ``torch.ops.pyramid_kv``; :mod:`pyramid_kv.ops` holds
+typed, validating wrappers and :mod:`pyramid_kv.reference` plain-PyTorch versions of each.
+"""
+
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as e:  # pragma: no cover - only without a built extension
+    raise ImportError(
+        f"pyramid_kv's compiled extension could not be loaded ({e}); install the package with "
+        "`pip install --no-build-isolation .` against the torch you run with") from e
+
+from . import _fake  # noqa: E402,F401  (registers the fake kernels)
+from .ops import Selection, compact, ensemble_scores, select_top_k, select_top_p  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Selection",
+    "compact",
+    "ensemble_scores",
+    "select_top_k",
+    "select_top_p",
+]

@@ -1,0 +1,47 @@
+"""Command line: ``pyramid-kv info`` (or ``python -m pyramid_kv info``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def info() -> str:
+    import torch
+
+    import pyramid_kv
+    from pyramid_kv import _build_info as b
+
+    lines = [f"pyramid_kv {pyramid_kv.__version__}",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}); "
+             f"extension built against torch {b.TORCH_VERSION}"]
+    if b.CUDA_KERNELS:
+        lines.append(f"CUDA kernels: built with nvcc {b.NVCC_VERSION} for architectures {b.CUDA_ARCHS}")
+    else:
+        lines.append("CUDA kernels: not built (CPU kernels only)")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        lines.append(f"CUDA device: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    else:
+        lines.append("CUDA device: none")
+    ops = sorted({s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("pyramid_kv::")})
+    lines.append("ops (kernels):")
+    for name in ops:
+        keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+        lines.append(f"  torch.ops.{name.replace('::', '.')}: {', '.join(keys)}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyramid-kv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, torch, and which kernels were built")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

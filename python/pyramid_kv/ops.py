@@ -1,0 +1,177 @@
+"""Typed wrappers over the ``torch.ops.pyramid_kv`` ops (contracts in docs/ops.md).
+
+Shape, dtype and device rules are enforced by the ops themselves (CPU and CUDA alike). Value
+rules (lengths within [0, N], indices within range, per-segment budgets) are checked inline by
+the CPU kernels; a CUDA kernel cannot raise without a host synchronisation, so it clamps
+instead, and these wrappers check the values first unless ``validate=False`` (hot paths) or
+the environment sets ``PYRAMID_KV_VALIDATE=0``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.pyramid_kv
+
+
+def _validate_default() -> bool:
+    return os.environ.get("PYRAMID_KV_VALIDATE", "1") != "0"
+
+
+def _needs_value_checks(t: Tensor, validate: Optional[bool]) -> bool:
+    if validate is None:
+        validate = _validate_default()
+    return validate and t.device.type != "cpu"
+
+
+def _check_range(values: Tensor, lo: float, hi: float, name: str, *, hi_open: bool = False,
+                 lo_open: bool = False) -> None:
+    v = values.detach()
+    bad = (v <= lo if lo_open else v < lo) | (v >= hi if hi_open else v > hi) | torch.isnan(v.double())
+    if bool(bad.any()):  # one host sync, only when validating
+        i = int(bad.flatten().nonzero()[0])
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}[{i}] = {v.flatten()[i].item()} is outside {interval}")
+
+
+class Selection(NamedTuple):
+    """Kept positions of each segment, ascending, -1 past ``counts`` (both int32)."""
+
+    indices: Tensor
+    counts: Tensor
+
+
+def ensemble_scores(q: Tensor, k: Tensor, lengths: Tensor, *, row_weights: Optional[Tensor] = None,
+                    lse: Optional[Tensor] = None, scale: Optional[float] = None,
+                    validate: Optional[bool] = None) -> Tensor:
+    """Per-key ensemble of the recent queries' causal softmax attention.
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, W, D]
+        The last W queries of each sequence (row w of sequence b is the query at position
+        ``lengths[b] - W + w``; rows at negative positions are ignored), after RoPE.
+    k : Tensor [B, Hkv, N, D]
+        Keys after RoPE, same dtype as q (float32, float16 or bfloat16); Hq % Hkv == 0.
+    lengths : Tensor [B], int32 or int64
+        Valid keys of each sequence (0 <= lengths[b] <= N).
+    row_weights : Tensor [B, W], float32, optional
+        Weight of each recent row (default 1); zero weights disable rows.
+    lse : Tensor [B, Hq, W], float32, optional
+        Natural log-sum-exp of ``scale * q . k`` over the keys each row sees, if the caller's
+        attention already produced it (saves the normaliser pass).
+    scale : float, optional
+        Softmax scale, default ``D ** -0.5``.
+
+    Returns
+    -------
+    Tensor [B, Hkv, N], float32
+        ``sum_{g in group, w} row_weights[b, w] * softmax_w(q . k * scale)[j]``; 0 at j >= lengths[b].
+    """
+    if scale is None:
+        scale = max(_tokens(q, -1), 1) ** -0.5
+    if _needs_value_checks(lengths, validate):
+        _check_range(lengths, 0, _tokens(k, 2), "lengths")
+    return _ops.ensemble_scores.default(q, k, lengths, row_weights, lse, float(scale))
+
+
+def _tokens(t: Tensor, dim: int) -> int:
+    """Size of dim, or 0 when t has too few dims (the op then reports the bad shape)."""
+    return t.shape[dim] if -t.dim() <= dim < t.dim() else 0
+
+
+def _capacity(scores: Tensor, capacity: Optional[int]) -> int:
+    return _tokens(scores, -1) if capacity is None else int(capacity)
+
+
+def select_top_p(scores: Tensor, lengths: Tensor, top_p: Union[float, Tensor], *, sink: int = 0,
+                 recent: int = 0, min_keep: int = 0, capacity: Optional[int] = None,
+                 validate: Optional[bool] = None) -> Selection:
+    """Keep, per segment, the smallest set of highest scores holding ``top_p`` of the mass.
+
+    Parameters
+    ----------
+    scores : Tensor [S, N], float32, float16 or bfloat16
+        Non-negative scores (attention mass); negative and NaN entries count as zero mass.
+    lengths : Tensor [S], int32 or int64
+        Valid entries of each segment.
+    top_p : float in (0, 1] or Tensor [S] float32
+        Fraction of the candidates' mass to keep (per segment when a tensor).
+    sink, recent : int
+        The first ``sink`` and last ``recent`` valid positions are always kept and are not
+        candidates (their mass is not counted).
+    min_keep : int
+        Keep at least ``min(min_keep, length)`` positions in all.
+    capacity : int, optional
+        Output width and hard cap on the kept count (default N); must hold the forced positions.
+
+    Returns
+    -------
+    Selection(indices [S, capacity] int32 ascending, -1 padded; counts [S] int32)
+    """
+    maybe = top_p if isinstance(top_p, Tensor) else None
+    if maybe is not None and _needs_value_checks(maybe, validate):
+        _check_range(maybe, 0.0, 1.0, "top_p", lo_open=True)
+    if _needs_value_checks(lengths, validate):
+        _check_range(lengths, 0, _tokens(scores, -1), "lengths")
+    p = 1.0 if maybe is not None else float(top_p)
+    return Selection(*_ops.select_top_p.default(scores, lengths, maybe, p, sink, recent, min_keep,
+                                                _capacity(scores, capacity)))
+
+
+def select_top_k(scores: Tensor, lengths: Tensor, top_k: Union[int, Tensor], *, sink: int = 0,
+                 recent: int = 0, min_keep: int = 0, capacity: Optional[int] = None,
+                 validate: Optional[bool] = None) -> Selection:
+    """Keep, per segment, the ``top_k`` highest-scoring candidates plus the forced positions.
+
+    Same arguments as :func:`select_top_p`, with ``top_k`` an int >= 0 or an int32/int64
+    Tensor [S]. Ties keep the lower position.
+    """
+    maybe = top_k if isinstance(top_k, Tensor) else None
+    if maybe is not None and _needs_value_checks(maybe, validate):
+        _check_range(maybe, 0, float("inf"), "top_k")
+    if _needs_value_checks(lengths, validate):
+        _check_range(lengths, 0, _tokens(scores, -1), "lengths")
+    k = 0 if maybe is not None else int(top_k)
+    return Selection(*_ops.select_top_k.default(scores, lengths, maybe, k, sink, recent, min_keep,
+                                                _capacity(scores, capacity)))
+
+
+def compact(src: Sequence[Tensor], indices: Tensor, counts: Tensor, *,
+            out: Optional[Sequence[Tensor]] = None, validate: Optional[bool] = None) -> List[Tensor]:
+    """Gather the kept token rows of several [B, H, N, D] tensors in one launch.
+
+    Parameters
+    ----------
+    src : sequence of Tensor [B, H_t, N, D_t]
+        Any dtype, any strides with a contiguous last dim ([B, N, H, D] storage: pass
+        ``x.transpose(1, 2)``; hidden states [B, N, C]: ``h.unsqueeze(1)``; position ids
+        [B, N]: ``p[:, None, :, None]``).
+    indices : Tensor [B, C] or [B, H, C], int32 or int64
+        Kept source rows per sequence (applied to every head) or per head.
+    counts : Tensor [B] or [B, H], int32 or int64
+        Number of valid entries of each index row (<= C).
+    out : sequence of Tensor [B, H_t, >= C, D_t], optional
+        Caller's buffers (must not overlap src); rows past the counts are left untouched.
+
+    Returns
+    -------
+    list of Tensor [B, H_t, C, D_t] (``out`` itself when given); with no ``out``, rows past
+    the counts are zero.
+    """
+    src = list(src)
+    shapes_agree = bool(src) and counts.shape == indices.shape[:-1]
+    if shapes_agree and _needs_value_checks(indices, validate):
+        c = indices.shape[-1]
+        _check_range(counts, 0, c, "counts")
+        live = torch.arange(c, device=indices.device) < counts.unsqueeze(-1)
+        _check_range(indices[live], 0, _tokens(src[0], 2), "indices (kept entries)", hi_open=True)
+    if out is None:
+        return list(_ops.compact.default(src, indices, counts))
+    out = list(out)
+    _ops.compact_out.default(src, indices, counts, out)
+    return out

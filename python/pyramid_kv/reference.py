@@ -1,0 +1,124 @@
+"""Plain-PyTorch versions of every op: the definitions that tests and benchmarks compare with.
+
+They follow docs/ops.md exactly (same tie rule, same padding) and are vectorised, so the
+benchmarks time them as the eager baseline. Pass float64 inputs for a float64 evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def ensemble_scores(q: Tensor, k: Tensor, lengths: Tensor, row_weights: Optional[Tensor] = None,
+                    lse: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Eager ensemble scores: materialises the [W, N] attention of every head (see ops)."""
+    B, Hq, W, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.einsum("bhgwd,bhnd->bhgwn", q.to(ct).reshape(B, Hkv, G, W, D), k.to(ct)) * scale
+    pos = lengths.long()[:, None] - W + torch.arange(W, device=q.device)  # [B, W]
+    visible = (torch.arange(N, device=q.device) <= pos[:, :, None])[:, None, None]  # [B,1,1,W,N]
+    s = s.masked_fill(~visible, float("-inf"))
+    if lse is None:
+        norm = torch.logsumexp(s, -1, keepdim=True)
+    else:
+        norm = lse.to(ct).reshape(B, Hkv, G, W, 1)
+    p = torch.where(visible, torch.exp(s - norm), 0.0)
+    if row_weights is not None:
+        p = p * row_weights.to(ct)[:, None, None, :, None]
+    return p.sum((2, 3))
+
+
+def order_keys(scores: Tensor) -> Tensor:
+    """Monotone int64 keys in [0, 2^32) of float scores: NaN ranks as -inf and -0 equals +0."""
+    x = scores.float()
+    x = torch.where(torch.isnan(x), float("-inf"), x)
+    x = torch.where(x == 0, 0.0, x)
+    u = x.view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(u >= 0x80000000, 0xFFFFFFFF - u, u + 0x80000000)
+
+
+def masses(scores: Tensor) -> Tensor:
+    """The mass of each score for top-p, in float64: max(score, 0), NaN as 0."""
+    x = scores.float().double()
+    return torch.where(torch.isnan(x), 0.0, x).clamp(min=0.0)
+
+
+def segment_masks(lengths: Tensor, n: int, sink: int, recent: int) -> Tuple[Tensor, Tensor]:
+    """(forced, candidate) boolean masks [S, n] of a selection."""
+    pos = torch.arange(n, device=lengths.device)[None]
+    length = lengths.long()[:, None]
+    n_sink = length.clamp(max=sink)
+    recent_start = torch.maximum(length - recent, n_sink)
+    valid = pos < length
+    forced = valid & ((pos < n_sink) | (pos >= recent_start))
+    return forced, valid & ~forced
+
+
+def _select(scores: Tensor, lengths: Tensor, budget, by_mass: bool, sink: int, recent: int,
+            min_keep: int, capacity: Optional[int]) -> Tuple[Tensor, Tensor]:
+    S, N = scores.shape
+    dev = scores.device
+    capacity = N if capacity is None else capacity
+    forced, cand = segment_masks(lengths, N, sink, recent)
+    # One stable sort: candidates first, then score descending, then position ascending.
+    composite = torch.where(cand, order_keys(scores), -1)
+    order = torch.sort(composite, dim=1, descending=True, stable=True).indices
+    n_cand, n_forced = cand.sum(1), forced.sum(1)
+    if by_mass:
+        p = budget.double() if isinstance(budget, Tensor) else torch.full((S,), float(budget), device=dev,
+                                                                          dtype=torch.float64)
+        csum = torch.where(cand, masses(scores), 0.0).gather(1, order).cumsum(1)
+        total = csum[:, -1] if N else torch.zeros(S, dtype=torch.float64, device=dev)
+        target = p * total
+        r = torch.where(target > 0, (csum < target[:, None]).sum(1) + 1, 0)
+    else:
+        r = budget.long() if isinstance(budget, Tensor) else torch.full((S,), int(budget), device=dev)
+    r = torch.maximum(r, min_keep - n_forced)
+    r = torch.minimum(r.clamp(min=0), torch.minimum(n_cand, capacity - n_forced))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=dev).expand(S, N))
+    kept = forced | (cand & (rank < r[:, None]))
+    counts = kept.sum(1)
+    ascending = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices
+    indices = torch.full((S, capacity), -1, dtype=torch.int32, device=dev)
+    w = min(N, capacity)
+    live = torch.arange(w, device=dev) < counts[:, None]
+    indices[:, :w] = torch.where(live, ascending[:, :w], -1).int()
+    return indices, counts.int()
+
+
+def select_top_p(scores: Tensor, lengths: Tensor, top_p, *, sink: int = 0, recent: int = 0,
+                 min_keep: int = 0, capacity: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Sort-based top-p (sort, cumsum, mask, re-sort of the kept positions)."""
+    return _select(scores, lengths, top_p, True, sink, recent, min_keep, capacity)
+
+
+def select_top_k(scores: Tensor, lengths: Tensor, top_k, *, sink: int = 0, recent: int = 0,
+                 min_keep: int = 0, capacity: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Sort-based top-k with the same forced positions and tie rule."""
+    return _select(scores, lengths, top_k, False, sink, recent, min_keep, capacity)
+
+
+def compact(src: Sequence[Tensor], indices: Tensor, counts: Tensor) -> List[Tensor]:
+    """torch.gather of the kept rows; rows past the counts are zero."""
+    C = indices.shape[-1]
+    out = []
+    for s in src:
+        B, H, N, D = s.shape
+        idx = indices.long()
+        cnt = counts.long()
+        if idx.dim() == 2:
+            idx, cnt = idx[:, None, :].expand(B, H, C), cnt[:, None].expand(B, H)
+        live = torch.arange(C, device=s.device) < cnt[..., None]
+        if N == 0:
+            out.append(s.new_zeros((B, H, C, D)))
+            continue
+        rows = torch.where(live, idx, 0)[..., None].expand(B, H, C, D)
+        g = torch.gather(s, 2, rows)
+        out.append(torch.where(live[..., None], g, torch.zeros((), dtype=s.dtype, device=s.device)))
+    return out

@@ -1,0 +1,89 @@
+"""ensemble_scores against the float64 reference on random shapes, ragged lengths and GQA."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pyramid_kv as pk
+from pyramid_kv import reference as ref
+from helpers import DTYPES, devices, generator, poison_allocator, rand_lengths
+
+
+def make_inputs(seed, device, dtype, B, Hkv, G, W, N, D, weights, given_lse):
+    g = generator(seed)
+    q = torch.randn(B, Hkv * G, W, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    lengths = rand_lengths(B, N, g)
+    rw = torch.rand(B, W, generator=g) + 0.5 if weights else None
+    lse = None
+    if given_lse:
+        scale = D ** -0.5
+        s = torch.einsum("bhwd,bhnd->bhwn", q.double(), k.double().repeat_interleave(G, 1)) * scale
+        pos = lengths[:, None] - W + torch.arange(W)
+        vis = torch.arange(N) <= pos[:, :, None]
+        lse = s.masked_fill(~vis[:, None], float("-inf")).logsumexp(-1).float()
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(q), to(k), to(lengths), to(rw), to(lse)
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("device", devices())
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), Hkv=st.sampled_from([1, 2]),
+       G=st.sampled_from([1, 4, 8]), N=st.integers(0, 70), W=st.integers(0, 40),
+       D=st.sampled_from([8, 16, 64, 128]), dtype=st.sampled_from(DTYPES), weights=st.booleans(),
+       given_lse=st.booleans())
+def test_matches_float64_reference(device, seed, B, Hkv, G, N, W, D, dtype, weights, given_lse):
+    q, k, lengths, rw, lse = make_inputs(seed, device, dtype, B, Hkv, G, W, N, D, weights, given_lse)
+    poison_allocator(device)
+    out = pk.ensemble_scores(q, k, lengths, row_weights=rw, lse=lse)
+    expect = ref.ensemble_scores(q.double(), k.double(), lengths, rw, lse)
+    assert out.shape == (B, Hkv, N) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expect) <= 2e-5
+    # Past each sequence's length every score is exactly zero.
+    mask = torch.arange(N, device=device) >= lengths[:, None]
+    assert (out.masked_select(mask[:, None, :].expand_as(out)) == 0).all()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_window_edges_and_mass(device):
+    """W = 1, W = N and N = 1; with unit weights every row's probabilities sum to 1."""
+    g = generator(7)
+    for B, N, W in [(2, 1, 1), (3, 33, 1), (2, 33, 33), (2, 20, 25)]:
+        q = torch.randn(B, 8, W, 16, generator=g).to(device)
+        k = torch.randn(B, 2, N, 16, generator=g).to(device)
+        lengths = torch.tensor([N] + [max(N - 3, 0)] * (B - 1)).to(device)
+        out = pk.ensemble_scores(q, k, lengths)
+        # Rows at non-negative positions each contribute total mass 1 per query head.
+        rows = (lengths[:, None] - W + torch.arange(W, device=device) >= 0).sum(1)
+        torch.testing.assert_close(out.sum((1, 2)), (rows * 8).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_strided_inputs(device):
+    """[B, N, H, D] storage passed as transposed views; expanded row weights (stride 0)."""
+    g = generator(3)
+    B, Hq, Hkv, W, N, D = 2, 8, 2, 6, 40, 64
+    q = torch.randn(B, W, Hq, D, generator=g).to(device).transpose(1, 2)
+    k = torch.randn(B, N, Hkv, D, generator=g).to(device).transpose(1, 2)
+    lengths = torch.tensor([40, 17], device=device)
+    rw = torch.linspace(1.0, 1.2, W, device=device).expand(B, W)
+    out = pk.ensemble_scores(q, k, lengths, row_weights=rw)
+    expect = ref.ensemble_scores(q.double(), k.double(), lengths, rw)
+    assert rel_err(out, expect) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_large():
+    g = generator(11)
+    B, Hq, Hkv, W, N, D = 2, 32, 8, 300, 1500, 128
+    q = torch.randn(B, Hq, W, D, generator=g).bfloat16()
+    k = torch.randn(B, Hkv, N, D, generator=g).bfloat16()
+    lengths = torch.tensor([1500, 977])
+    expect = ref.ensemble_scores(q.double(), k.double(), lengths)
+    out = pk.ensemble_scores(q.cuda(), k.cuda(), lengths.cuda()).cpu()
+    assert rel_err(out, expect) <= 2e-3

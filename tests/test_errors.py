@@ -1,0 +1,101 @@
+"""Bad inputs raise clear errors that name the argument, on every device."""
+
+import re
+
+import pytest
+import torch
+
+import pyramid_kv as pk
+from helpers import devices
+
+
+def raises(exc, pattern, fn, *args, **kwargs):
+    with pytest.raises(exc, match=re.escape(pattern) if not pattern.startswith("re:") else pattern[3:]):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_ensemble_scores_errors(device):
+    q = torch.randn(2, 8, 4, 64, device=device)
+    k = torch.randn(2, 2, 30, 64, device=device)
+    L = torch.tensor([30, 10], device=device)
+    raises(ValueError, "q must be 4-D", pk.ensemble_scores, q[0], k, L)
+    raises(ValueError, "k must be 4-D", pk.ensemble_scores, q, k[0], L)
+    raises(TypeError, "q must be float32, float16 or bfloat16", pk.ensemble_scores, q.double(), k.double(), L)
+    raises(TypeError, "k must have the dtype of q", pk.ensemble_scores, q, k.half(), L)
+    raises(ValueError, "k must have the head dim of q", pk.ensemble_scores, q, k[..., :32], L)
+    raises(ValueError, "k must have the batch size of q", pk.ensemble_scores, q, k[:1], L)
+    raises(ValueError, "q heads (8) must be a multiple of k heads (3)", pk.ensemble_scores, q,
+           torch.randn(2, 3, 30, 64, device=device), L)
+    raises(ValueError, "q must be contiguous in its last dimension", pk.ensemble_scores,
+           q.transpose(2, 3)[:, :, :, :4], k[..., :4], L)
+    raises(TypeError, "lengths must be int32 or int64", pk.ensemble_scores, q, k, L.float())
+    raises(ValueError, "lengths must have shape [2]", pk.ensemble_scores, q, k, L[:1])
+    raises(ValueError, "lengths[0] = 31 is outside [0", pk.ensemble_scores, q, k, L + 1)
+    raises(ValueError, "lengths[1] = -1 is outside [0", pk.ensemble_scores, q, k, torch.tensor([3, -1], device=device))
+    raises(ValueError, "row_weights must have shape [B, W]", pk.ensemble_scores, q, k, L,
+           row_weights=torch.ones(2, 5, device=device))
+    raises(TypeError, "row_weights must be float32", pk.ensemble_scores, q, k, L,
+           row_weights=torch.ones(2, 4, device=device, dtype=torch.float64))
+    raises(ValueError, "lse must have shape [B, Hq, W]", pk.ensemble_scores, q, k, L,
+           lse=torch.zeros(2, 2, 4, device=device))
+    raises(ValueError, "scale must be finite and > 0", pk.ensemble_scores, q, k, L, scale=-1.0)
+    if device == "cuda":
+        raises(ValueError, "k must be on the same device as q", pk.ensemble_scores, q, k.cpu(), L)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_select_errors(device):
+    s = torch.rand(3, 20, device=device)
+    L = torch.tensor([20, 5, 0], device=device)
+    for fn, good in [(pk.select_top_p, 0.5), (pk.select_top_k, 3)]:
+        raises(ValueError, "scores must be 2-D [S, N]", fn, s[0], L, good)
+        raises(TypeError, "scores must be float32, float16 or bfloat16", fn, s.double(), L, good)
+        raises(ValueError, "lengths must have shape [3]", fn, s, L[:2], good)
+        raises(ValueError, "lengths[0] = 21 is outside [0, N=20]", fn, s, L + 1, good)
+        raises(ValueError, "sink must be >= 0", fn, s, L, good, sink=-1)
+        raises(ValueError, "recent must be >= 0", fn, s, L, good, recent=-2)
+        raises(ValueError, "min_keep must be >= 0", fn, s, L, good, min_keep=-2)
+        raises(ValueError, "capacity (5) must hold the forced positions", fn, s, L, good, sink=4,
+               recent=4, capacity=5)
+        raises(ValueError, "capacity (5) must be at least min(N, min_keep)", fn, s, L, good,
+               min_keep=8, capacity=5)
+        raises(ValueError, "scores must be contiguous in its last dimension", fn, s.t(), L, good)
+    for bad in [0.0, -0.1, 1.5, float("nan")]:
+        raises(ValueError, "top_p must be in (0, 1]", pk.select_top_p, s, L, bad)
+    raises(ValueError, "re:top_p\\[1\\] = .* is outside", pk.select_top_p, s, L,
+           torch.tensor([0.5, 0.0, 0.3], device=device))
+    raises(TypeError, "maybe_top_p must be float32", pk.select_top_p, s, L,
+           torch.tensor([0.5, 0.2, 0.3], device=device, dtype=torch.float64))
+    raises(ValueError, "maybe_top_p must have shape [S] = [3]", pk.select_top_p, s, L,
+           torch.tensor([0.5, 0.2], device=device))
+    raises(ValueError, "top_k must be >= 0", pk.select_top_k, s, L, -1)
+    raises(ValueError, "re:top_k\\[2\\] = -4 is (outside|negative)", pk.select_top_k, s, L,
+           torch.tensor([1, 2, -4], device=device))
+    raises(TypeError, "maybe_top_k must be int32 or int64", pk.select_top_k, s, L,
+           torch.tensor([1.0, 2.0, 3.0], device=device))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compact_errors(device):
+    k = torch.randn(2, 4, 10, 8, device=device)
+    idx = torch.tensor([[0, 3, 9], [1, 2, -1]], device=device)
+    cnt = torch.tensor([3, 2], device=device)
+    raises(ValueError, "src must hold at least one tensor", pk.compact, [], idx, cnt)
+    raises(ValueError, "src[0] must be 4-D", pk.compact, [k[0]], idx, cnt)
+    raises(TypeError, "indices must be int32 or int64", pk.compact, [k], idx.float(), cnt)
+    raises(TypeError, "counts must be int32 or int64", pk.compact, [k], idx, cnt.float())
+    raises(ValueError, "counts must have shape [2]", pk.compact, [k], idx, cnt[:1])
+    raises(ValueError, "src[0] must have the batch size of indices", pk.compact, [k[:1]], idx, cnt)
+    raises(ValueError, "src[1] must have the token count of src[0]", pk.compact, [k, k[:, :, :5]], idx, cnt)
+    raises(ValueError, "must have as many heads as the per-head indices", pk.compact, [k],
+           idx[:, None].expand(2, 3, 3), cnt[:, None].expand(2, 3))
+    raises(ValueError, "re:counts\\[1\\] = 4 is outside", pk.compact, [k], idx, torch.tensor([3, 4], device=device))
+    raises(ValueError, "re:indices.* = 10 is outside", pk.compact, [k], torch.tensor([[0, 10, 1], [0, 0, 0]], device=device), cnt)
+    raises(ValueError, "re:indices.* = -1 is outside", pk.compact, [k], idx, torch.tensor([3, 3], device=device))
+    raises(ValueError, "out must hold one tensor per src tensor", pk.compact, [k], idx, cnt, out=[])
+    raises(TypeError, "out[0] must have the dtype of src[0]", pk.compact, [k], idx, cnt,
+           out=[torch.empty(2, 4, 3, 8, device=device, dtype=torch.half)])
+    raises(ValueError, "out[0] must have shape [B, H, >= C, D]", pk.compact, [k], idx, cnt,
+           out=[torch.empty(2, 4, 2, 8, device=device)])
+    raises(ValueError, "out[0] must not share memory with src[0]", pk.compact, [k], idx, cnt, out=[k])
