@@ -8,6 +8,9 @@ OUT=${OUT:-$PWD/device_logs}
 mkdir -p "$OUT"
 stages=${*:-build tests sanitize bench}
 export PYTHONUNBUFFERED=1 PYRAMID_KV_CUDA=ON
+# The image sets CXX to /opt/gcc, which links libstdc++ statically: a module built with it
+# crashes when its C++ streams meet torch's. Build with the system g++ like torch itself.
+export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 log() { echo "== $* ($(date +%T))"; }
 
 if [[ " $stages " == *" build "* ]]; then

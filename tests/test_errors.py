@@ -99,3 +99,25 @@ def test_compact_errors(device):
     raises(ValueError, "out[0] must have shape [B, H, >= C, D]", pk.compact, [k], idx, cnt,
            out=[torch.empty(2, 4, 2, 8, device=device)])
     raises(ValueError, "out[0] must not share memory with src[0]", pk.compact, [k], idx, cnt, out=[k])
+
+
+def test_wrapper_value_checks_match_cpu_kernel_messages():
+    """The wrappers' pre-checks (used for CUDA tensors) say what the CPU kernels say."""
+    from pyramid_kv import ops
+
+    def message(fn, *args):
+        with pytest.raises(ValueError) as e:
+            fn(*args)
+        return str(e.value).splitlines()[0]
+
+    s = torch.rand(3, 20)
+    L = torch.tensor([20, 21, 0])
+    assert message(ops._check_lengths, L, 20) == message(pk.select_top_k, s, L, 3)
+    p = torch.tensor([0.5, 0.0, 0.3])
+    assert message(ops._check_top_p, p) == message(pk.select_top_p, s, L.clamp(max=20), p)
+    k = torch.tensor([1, 2, -4])
+    assert message(ops._check_top_k, k) == message(pk.select_top_k, s, L.clamp(max=20), k)
+    src = torch.randn(2, 4, 10, 8)
+    idx = torch.tensor([[0, 3, 9], [1, 12, -1]])
+    for cnt in (torch.tensor([3, 4]), torch.tensor([3, 2])):
+        assert message(ops._check_compact_values, idx, cnt, 10) == message(pk.compact, [src], idx, cnt)

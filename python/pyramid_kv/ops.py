@@ -28,14 +28,42 @@ def _needs_value_checks(t: Tensor, validate: Optional[bool]) -> bool:
     return validate and t.device.type != "cpu"
 
 
-def _check_range(values: Tensor, lo: float, hi: float, name: str, *, hi_open: bool = False,
-                 lo_open: bool = False) -> None:
-    v = values.detach()
-    bad = (v <= lo if lo_open else v < lo) | (v >= hi if hi_open else v > hi) | torch.isnan(v.double())
-    if bool(bad.any()):  # one host sync, only when validating
-        i = int(bad.flatten().nonzero()[0])
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{name}[{i}] = {v.flatten()[i].item()} is outside {interval}")
+def _first_bad(bad: Tensor) -> Optional[int]:
+    """Flat index of the first True in bad, or None (one host sync, only when validating)."""
+    flat = bad.flatten()
+    return int(flat.nonzero()[0]) if bool(flat.any()) else None
+
+
+def _check_lengths(lengths: Tensor, n: int) -> None:
+    i = _first_bad((lengths < 0) | (lengths > n))
+    if i is not None:
+        raise ValueError(f"lengths[{i}] = {int(lengths.flatten()[i])} is outside [0, N={n}]")
+
+
+def _check_top_p(top_p: Tensor) -> None:
+    i = _first_bad(~((top_p > 0) & (top_p <= 1)))  # NaN fails too
+    if i is not None:
+        raise ValueError(f"maybe_top_p[{i}] = {top_p.flatten()[i].item():g} is outside (0, 1]")
+
+
+def _check_top_k(top_k: Tensor) -> None:
+    i = _first_bad(top_k < 0)
+    if i is not None:
+        raise ValueError(f"maybe_top_k[{i}] = {int(top_k.flatten()[i])} is negative")
+
+
+def _check_compact_values(indices: Tensor, counts: Tensor, n: int) -> None:
+    c = indices.shape[-1]
+    cnt = counts.flatten()
+    i = _first_bad((cnt < 0) | (cnt > c))
+    if i is not None:
+        raise ValueError(f"counts[{i}] = {int(cnt[i])} is outside [0, C={c}]")
+    rows = indices.reshape(-1, c)
+    live = torch.arange(c, device=indices.device) < cnt[:, None]
+    i = _first_bad(live & ((rows < 0) | (rows >= n)))
+    if i is not None:
+        r, e = divmod(i, c)
+        raise ValueError(f"indices row {r} entry {e} = {int(rows[r, e])} is outside [0, N={n})")
 
 
 class Selection(NamedTuple):
@@ -75,7 +103,7 @@ def ensemble_scores(q: Tensor, k: Tensor, lengths: Tensor, *, row_weights: Optio
     if scale is None:
         scale = max(_tokens(q, -1), 1) ** -0.5
     if _needs_value_checks(lengths, validate):
-        _check_range(lengths, 0, _tokens(k, 2), "lengths")
+        _check_lengths(lengths, _tokens(k, 2))
     return _ops.ensemble_scores.default(q, k, lengths, row_weights, lse, float(scale))
 
 
@@ -115,9 +143,9 @@ def select_top_p(scores: Tensor, lengths: Tensor, top_p: Union[float, Tensor], *
     """
     maybe = top_p if isinstance(top_p, Tensor) else None
     if maybe is not None and _needs_value_checks(maybe, validate):
-        _check_range(maybe, 0.0, 1.0, "top_p", lo_open=True)
+        _check_top_p(maybe)
     if _needs_value_checks(lengths, validate):
-        _check_range(lengths, 0, _tokens(scores, -1), "lengths")
+        _check_lengths(lengths, _tokens(scores, -1))
     p = 1.0 if maybe is not None else float(top_p)
     return Selection(*_ops.select_top_p.default(scores, lengths, maybe, p, sink, recent, min_keep,
                                                 _capacity(scores, capacity)))
@@ -133,9 +161,9 @@ def select_top_k(scores: Tensor, lengths: Tensor, top_k: Union[int, Tensor], *, 
     """
     maybe = top_k if isinstance(top_k, Tensor) else None
     if maybe is not None and _needs_value_checks(maybe, validate):
-        _check_range(maybe, 0, float("inf"), "top_k")
+        _check_top_k(maybe)
     if _needs_value_checks(lengths, validate):
-        _check_range(lengths, 0, _tokens(scores, -1), "lengths")
+        _check_lengths(lengths, _tokens(scores, -1))
     k = 0 if maybe is not None else int(top_k)
     return Selection(*_ops.select_top_k.default(scores, lengths, maybe, k, sink, recent, min_keep,
                                                 _capacity(scores, capacity)))
@@ -164,12 +192,11 @@ def compact(src: Sequence[Tensor], indices: Tensor, counts: Tensor, *,
     the counts are zero.
     """
     src = list(src)
-    shapes_agree = bool(src) and counts.shape == indices.shape[:-1]
+    # Value checks only once the shapes are sane; otherwise the op reports the shape error.
+    shapes_agree = (bool(src) and src[0].dim() == 4 and indices.dim() in (2, 3)
+                    and counts.shape == indices.shape[:-1])
     if shapes_agree and _needs_value_checks(indices, validate):
-        c = indices.shape[-1]
-        _check_range(counts, 0, c, "counts")
-        live = torch.arange(c, device=indices.device) < counts.unsqueeze(-1)
-        _check_range(indices[live], 0, _tokens(src[0], 2), "indices (kept entries)", hi_open=True)
+        _check_compact_values(indices, counts, src[0].shape[2])
     if out is None:
         return list(_ops.compact.default(src, indices, counts))
     out = list(out)
