@@ -17,12 +17,21 @@ except ImportError as e:  # pragma: no cover - only without a built extension
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from .ops import Selection, compact, ensemble_scores, select_top_k, select_top_p  # noqa: E402
+from .config import PRESETS, PyramidConfig, preset  # noqa: E402
+from .generate import GenerationOutput, generate  # noqa: E402
+from .runner import Runner  # noqa: E402
 
 __all__ = [
     "__version__",
+    "GenerationOutput",
+    "PRESETS",
+    "PyramidConfig",
+    "Runner",
     "Selection",
     "compact",
     "ensemble_scores",
+    "generate",
+    "preset",
     "select_top_k",
     "select_top_p",
 ]

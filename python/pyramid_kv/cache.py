@@ -1,0 +1,135 @@
+"""Per-layer KV cache with per-sequence lengths, and its memory accounting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerCache:
+    """One layer's keys and values [B, Hkv, capacity, D]; sequence b holds rows [0, lengths[b])."""
+
+    k: Tensor
+    v: Tensor
+    lengths: Tensor            # [B] int64, on the device
+    bound: int                 # host upper bound of every length: attention reads [:bound]
+    exact: bool = False        # every length equals bound (attention needs no mask)
+    recent_q: Optional[Tensor] = None  # [B, Hq, W, D]: the layer's last W queries (decode scoring)
+    unprocessed: int = 0       # tokens appended since the last decode chunk (same for every sequence)
+    positions: Optional[Tensor] = None  # [B, Hkv, capacity, 1] original positions (tracking only)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def keys(self) -> Tensor:
+        return self.k[:, :, : self.bound]
+
+    def values(self) -> Tensor:
+        return self.v[:, :, : self.bound]
+
+    def rows(self) -> List[Tensor]:
+        """Every per-row buffer over [:bound] (K, V and tracked positions): what compaction moves."""
+        out = [self.keys(), self.values()]
+        if self.positions is not None:
+            out.append(self.positions[:, :, : self.bound])
+        return out
+
+    def append(self, k_new: Tensor, v_new: Tensor, q_new: Optional[Tensor] = None,
+               position: Optional[Tensor] = None) -> None:
+        """Write one token [B, Hkv, 1, D] at each sequence's end (no host synchronisation)."""
+        if self.bound >= self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded; allocate more decode room")
+        B, H, _, D = k_new.shape
+        at = self.lengths.view(B, 1, 1, 1)
+        self.k.scatter_(2, at.expand(B, H, 1, D), k_new)
+        self.v.scatter_(2, at.expand(B, H, 1, D), v_new)
+        if self.positions is not None and position is not None:
+            self.positions.scatter_(2, at.expand(B, H, 1, 1),
+                                    position.view(B, 1, 1, 1).expand(B, H, 1, 1).to(self.positions.dtype))
+        self.lengths = self.lengths + 1  # a new tensor: lengths may be shared
+        self.bound += 1
+        self.unprocessed += 1
+        if q_new is not None and self.recent_q is not None and self.recent_q.shape[2]:
+            self.recent_q = torch.cat([self.recent_q[:, :, 1:], q_new], dim=2)
+
+    def shrink(self, lengths: Tensor, bound: int) -> None:
+        self.lengths = lengths
+        self.bound = min(self.bound, bound)
+        self.exact = False
+
+
+@dataclass
+class CacheStats:
+    """Memory of a compressed cache against a full one (bytes of K and V)."""
+
+    layer_tokens: List[float]        # mean tokens held per sequence, per layer
+    layer_bytes: List[int]           # bytes occupied by the held tokens, per layer
+    layer_allocated: List[int]       # bytes of the buffers, per layer
+    full_bytes_per_layer: int        # bytes a full cache of the same tokens holds in one layer
+    prefill_tokens: List[int] = field(default_factory=list)  # tokens each layer computed in prefill
+
+    @property
+    def occupied_bytes(self) -> int:
+        return sum(self.layer_bytes)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(self.layer_allocated)
+
+    @property
+    def full_bytes(self) -> int:
+        return self.full_bytes_per_layer * len(self.layer_bytes)
+
+    @property
+    def fraction(self) -> float:
+        """Occupied bytes over a full cache's."""
+        return self.occupied_bytes / max(self.full_bytes, 1)
+
+    @property
+    def allocated_fraction(self) -> float:
+        return self.allocated_bytes / max(self.full_bytes, 1)
+
+    def as_dict(self) -> Dict:
+        return {"layer_tokens": self.layer_tokens, "layer_bytes": self.layer_bytes,
+                "layer_allocated": self.layer_allocated, "occupied_bytes": self.occupied_bytes,
+                "allocated_bytes": self.allocated_bytes, "full_bytes": self.full_bytes,
+                "fraction": self.fraction, "allocated_fraction": self.allocated_fraction,
+                "prefill_tokens": self.prefill_tokens}
+
+    def summary(self) -> str:
+        lines = ["layer  tokens/seq  (pyramid)"]
+        top = max(self.layer_tokens) if self.layer_tokens else 1
+        for i, t in enumerate(self.layer_tokens):
+            lines.append(f"{i:5d}  {t:10.1f}  {'#' * max(1, round(40 * t / top)) if t else ''}")
+        lines.append(f"KV cache: {human_bytes(self.occupied_bytes)} held ({100 * self.fraction:.1f}% of "
+                     f"a full cache's {human_bytes(self.full_bytes)}; saved "
+                     f"{human_bytes(self.full_bytes - self.occupied_bytes)}), "
+                     f"{human_bytes(self.allocated_bytes)} allocated")
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cache_stats(layers: List[LayerCache], full_tokens: Tensor, prefill_tokens: List[int]) -> CacheStats:
+    """Accounting of `layers` (one host synchronisation). full_tokens [B]: prompt + generated."""
+    lengths = torch.stack([c.lengths for c in layers]).cpu()  # [L, B]
+    B = lengths.shape[1]
+    k = layers[0].k
+    per_row = 2 * k.shape[1] * k.shape[3] * k.element_size()  # K and V of one token
+    return CacheStats(
+        layer_tokens=(lengths.double().sum(1) / max(B, 1)).tolist(),
+        layer_bytes=[int(n) * per_row for n in lengths.sum(1).tolist()],
+        layer_allocated=[c.k.numel() * c.k.element_size() * 2 for c in layers],
+        full_bytes_per_layer=int(full_tokens.sum()) * per_row,
+        prefill_tokens=list(prefill_tokens))

@@ -1,0 +1,201 @@
+"""PyramidInfer configuration: validated, JSON-serialisable, with presets.
+
+A compressing layer keeps a fraction ``r_l`` of its context (the tokens before the recent window)
+for the next layer; the fractions multiply down the layers (the pyramid). In "count" mode ``r_l``
+is a top-k ratio of the context length, in "mass" mode it is the top-p mass to keep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
+
+SCHEDULES = ("cosine", "power", "linear", "constant", "list")
+SELECTIONS = ("count", "mass")
+WEIGHTINGS = ("uniform", "linear")
+
+
+def _ratio(name: str, value: float, *, zero_ok: bool = False) -> None:
+    lo_ok = value >= 0 if zero_ok else value > 0
+    if not (isinstance(value, (int, float)) and lo_ok and value <= 1):
+        raise ValueError(f"{name} must be in {'[0' if zero_ok else '(0'}, 1], got {value!r}")
+
+
+def _count(name: str, value: int, minimum: int = 0) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def decay_schedule(kind: str, num_layers: int, floor: float, power: float = 1.0) -> List[float]:
+    """Per-layer factors falling from 1 at layer 0 towards ``floor`` at the last layer."""
+    out = []
+    for layer in range(num_layers):
+        x = layer / num_layers
+        if kind == "cosine":  # the reference code's schedule
+            f = (1 - floor) * (math.cos(math.pi * x) + 1) / 2 + floor
+        elif kind == "linear":
+            f = 1 - (1 - floor) * x
+        elif kind == "power":  # power-law decay of the kept fraction with depth
+            f = floor + (1 - floor) * (1 - x) ** power
+        elif kind == "constant":
+            f = floor
+        else:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+        out.append(f)
+    return out
+
+
+@dataclass
+class PyramidConfig:
+    """Everything that controls compression. Call :meth:`validate` (done by the runner)."""
+
+    enabled: bool = True
+    # ---- prefill: which tokens each layer passes on
+    recent_ratio: float = 0.2           # recent window = ceil(ratio * length) of each sequence
+    recent_weighting: str = "linear"    # weights of the recent rows: "uniform" or "linear"
+    recent_weight_max: float = 1.2      # "linear": oldest row 1.0, newest this
+    selection: str = "count"            # "count" (top-k ratio) or "mass" (top-p)
+    schedule: str = "cosine"            # cosine | power | linear | constant | list
+    decay: float = 0.9                  # keep ratio / mass reached at the deepest layer
+    power: float = 2.0                  # exponent of the "power" schedule
+    layer_ratios: Optional[List[float]] = None  # schedule="list": one value per layer
+    first_layer: int = 0                # first compressing layer ...
+    interval: int = 1                   # ... and then every `interval` layers
+    sinks: int = 4                      # first tokens always kept
+    min_context: int = 64               # never keep fewer context tokens than this
+    # ---- decode
+    decode: bool = True
+    decode_chunk: int = 16              # re-compress every `chunk` new tokens of a layer ...
+    decode_recent: int = 16             # ... once they are older than this recent window
+    decode_keep: float = 0.9            # fraction of a chunk layer 0 keeps ...
+    decode_decay: float = 0.1           # ... times a cosine factor falling to this at depth
+    decode_layer_ratios: Optional[List[float]] = None  # explicit per-layer chunk keep ratios
+    decode_per_head: bool = True        # each KV head keeps its own tokens of a chunk
+    # ---- serving: a hard per-layer cache size (tokens per sequence), or None
+    kv_budget: Optional[Union[int, List[int]]] = None
+    name: str = "custom"
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "PyramidConfig":
+        _ratio("recent_ratio", self.recent_ratio)
+        if self.recent_weighting not in WEIGHTINGS:
+            raise ValueError(f"recent_weighting must be one of {WEIGHTINGS}, got {self.recent_weighting!r}")
+        if not (isinstance(self.recent_weight_max, (int, float)) and self.recent_weight_max > 0):
+            raise ValueError(f"recent_weight_max must be > 0, got {self.recent_weight_max!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _ratio("decay", self.decay)
+        if not (isinstance(self.power, (int, float)) and self.power > 0):
+            raise ValueError(f"power must be > 0, got {self.power!r}")
+        if self.schedule == "list":
+            if not self.layer_ratios:
+                raise ValueError("schedule='list' needs layer_ratios (one value per layer)")
+        for i, r in enumerate(self.layer_ratios or []):
+            _ratio(f"layer_ratios[{i}]", r)
+        _count("first_layer", self.first_layer)
+        _count("interval", self.interval, 1)
+        _count("sinks", self.sinks)
+        _count("min_context", self.min_context)
+        _count("decode_chunk", self.decode_chunk, 1)
+        _count("decode_recent", self.decode_recent, 1)
+        _ratio("decode_keep", self.decode_keep, zero_ok=True)
+        _ratio("decode_decay", self.decode_decay, zero_ok=True)
+        for i, r in enumerate(self.decode_layer_ratios or []):
+            _ratio(f"decode_layer_ratios[{i}]", r, zero_ok=True)
+        budgets = self.kv_budget if isinstance(self.kv_budget, list) else [self.kv_budget]
+        for i, b in enumerate(budgets):
+            if b is not None:
+                _count(f"kv_budget[{i}]" if isinstance(self.kv_budget, list) else "kv_budget", b, 1)
+        return self
+
+    # ------------------------------------------------------------------ per-layer plan
+    def check_layers(self, num_layers: int) -> None:
+        """Errors for per-layer lists whose length does not match the model."""
+        for name in ("layer_ratios", "decode_layer_ratios", "kv_budget"):
+            v = getattr(self, name)
+            if isinstance(v, list) and len(v) != num_layers:
+                raise ValueError(f"{name} has {len(v)} entries but the model has {num_layers} layers")
+        if self.first_layer >= num_layers and self.enabled:
+            raise ValueError(f"first_layer ({self.first_layer}) must be < the model's {num_layers} layers")
+
+    def compresses(self, layer: int, num_layers: int) -> bool:
+        """Whether prefill selects tokens after `layer` (never after the last layer)."""
+        return (self.enabled and layer < num_layers - 1 and layer >= self.first_layer
+                and (layer - self.first_layer) % self.interval == 0)
+
+    def layer_keep(self, num_layers: int) -> List[float]:
+        """Keep ratio (count) or mass (mass) of the context at each layer."""
+        self.check_layers(num_layers)
+        if self.schedule == "list":
+            return list(self.layer_ratios)
+        return decay_schedule(self.schedule, num_layers, self.decay, self.power)
+
+    def decode_keep_ratios(self, num_layers: int) -> List[float]:
+        """Fraction of each decode chunk that each layer keeps."""
+        self.check_layers(num_layers)
+        if self.decode_layer_ratios is not None:
+            return list(self.decode_layer_ratios)
+        return [self.decode_keep * f for f in decode_cosine(num_layers, self.decode_decay)]
+
+    def budgets(self, num_layers: int) -> List[Optional[int]]:
+        self.check_layers(num_layers)
+        if isinstance(self.kv_budget, list):
+            return list(self.kv_budget)
+        return [self.kv_budget] * num_layers
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PyramidConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown PyramidConfig fields: {sorted(unknown)}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "PyramidConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> "PyramidConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def decode_cosine(num_layers: int, floor: float) -> List[float]:
+    return decay_schedule("cosine", num_layers, floor)
+
+
+PRESETS: Dict[str, PyramidConfig] = {
+    # Compression off: the runner then equals a full-cache generate().
+    "full": PyramidConfig(enabled=False, decode=False, name="full"),
+    # The paper's LLaMA-2-7B setting as shipped in its reference code: a top-k cosine schedule
+    # falling to 0.9 per layer, every layer, 20% recent window, 4 sinks, a 64-token floor, and
+    # decode chunks of 16 kept at 0.9 x a cosine factor falling to 0.1.
+    "paper-7b": PyramidConfig(name="paper-7b"),
+    # 13B: a stronger decay (0.8), compressing every second layer.
+    "paper-13b": PyramidConfig(decay=0.8, interval=2, name="paper-13b"),
+    # About 45% of a full cache at 512 prompt + 256 generated tokens on 32-40-layer models.
+    "kv45": PyramidConfig(recent_ratio=0.1, decay=0.62, schedule="cosine", decode_keep=0.8,
+                          decode_decay=0.1, name="kv45"),
+    # About 25-30%: for memory-bound serving where some quality loss is acceptable.
+    "aggressive": PyramidConfig(recent_ratio=0.1, decay=0.4, schedule="power", power=1.0,
+                                decode_keep=0.6, decode_decay=0.1, min_context=32, name="aggressive"),
+}
+
+
+def preset(name: str, **changes) -> PyramidConfig:
+    """A copy of a named preset, optionally changed (``preset("kv45", selection="mass")``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **changes).validate()
+
