@@ -171,7 +171,9 @@ class Runner:
             cap = min(cap, max(self.budgets[li], bound))
 
         def buffer(x, dtype=None):
-            b = x.new_empty((B, H, cap, x.shape[3]), dtype=dtype)
+            # Zeroed: appends expose rows past a sequence's length, which attention masks out,
+            # but a masked NaN would still poison the probabilities-times-values product.
+            b = x.new_zeros((B, H, cap, x.shape[3]), dtype=dtype)
             b[:, :, :bound].copy_(x[:, :, :bound])
             return b
 
