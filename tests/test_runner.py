@@ -182,3 +182,26 @@ def test_config_json_roundtrip_and_presets():
     assert keep[0] == 1.0 and keep[-1] == pytest.approx(0.9, abs=1e-3) and keep == sorted(keep, reverse=True)
     lin = PyramidConfig(schedule="linear", decay=0.5).layer_keep(4)
     assert lin == [1.0, 0.875, 0.75, 0.625]  # truly linear (the reference code's was constant)
+
+
+@pytest.mark.parametrize("budget", [None, 96])
+def test_cache_sizes_match_plan(budget):
+    """pyramid_kv.plan predicts every layer's cache size in count mode (capacity planning)."""
+    from pyramid_kv import plan
+
+    model, prompts = setup("random-llama", "cpu")
+    cfg = small(kv_budget=budget)
+    L = model.config.num_hidden_layers
+    batches = [[p] for p in prompts] if budget else [prompts]  # budget timing is batch-wide
+    for batch in batches:
+        out = pk.generate(model, batch, cfg, max_new_tokens=41, stop_tokens=[])
+        runner_lengths = [[round(t) for t in out.stats.layer_tokens]] if len(batch) == 1 else None
+        if runner_lengths is None:  # per sequence from a fresh runner
+            r = pk.Runner(model, cfg)
+            ids, lens = batch_prompts(batch)
+            logits = r.prefill(ids, lens, 41)
+            for _ in range(40):
+                logits = r.decode_step(logits.argmax(-1))
+            runner_lengths = torch.stack([c.lengths for c in r.layers]).T.tolist()
+        for p, got in zip(batch, runner_lengths):
+            assert got == plan.cache_lengths(cfg, L, len(p), 41)

@@ -1,4 +1,4 @@
-"""Command line: ``pyramid-kv info`` (or ``python -m pyramid_kv info``)."""
+"""Command line: ``pyramid-kv info | generate`` (or ``python -m pyramid_kv ...``)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pyramid-kv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, and which kernels were built")
+    from . import cli_generate
+
+    cli_generate.add_arguments(sub.add_parser("generate", help="generate with a compressed KV cache"))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
-    return 0
+        return 0
+    return cli_generate.run(args)
 
 
 if __name__ == "__main__":

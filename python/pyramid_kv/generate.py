@@ -84,7 +84,8 @@ def generate(model, prompts: Prompts, config: Union[PyramidConfig, str, None] = 
         (with ``attention_mask`` when it is padded, on either side)
     config : a PyramidConfig or a preset name (default "full": no compression)
     max_new_tokens, do_sample, temperature, top_p, top_k : decoding controls
-    stop_tokens : ids that end a sequence (default: the tokenizer's / model's eos); the stop
+    stop_tokens : ids that end a sequence (default: the model's generation-config eos, else the
+        tokenizer's); the stop
         token is included in the output. Finished sequences are checked every ``check_every``
         steps (one host synchronisation) to stop early.
     callback : called as ``callback(step, tokens)`` with each step's tokens [B] (CPU); it costs a
@@ -95,10 +96,10 @@ def generate(model, prompts: Prompts, config: Union[PyramidConfig, str, None] = 
     runner = Runner(model, config if config is not None else PRESETS["full"])
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     ids, lengths = batch_prompts(prompts, tokenizer, attention_mask, pad)
-    if stop_tokens is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
+    if stop_tokens is None:  # as transformers: the generation config's eos, else the tokenizer's
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos = getattr(tokenizer, "eos_token_id", None)
         stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=runner.adapter.device)
 
