@@ -103,7 +103,7 @@ def test_pyramid_follows_schedule_and_keeps_sinks_and_recent(device, name):
 @pytest.mark.parametrize("per_head", [True, False])
 def test_decode_compression_keeps_prompt_pvcs(device, per_head):
     model, prompts = setup("stories260K", device)
-    cfg = small(decode_per_head=per_head)
+    cfg = small(per_head=per_head)
     runner = pk.Runner(model, cfg, track_positions=True)
     ids, lens = batch_prompts(prompts)
     logits = runner.prefill(ids, lens, 48)
@@ -130,19 +130,27 @@ def test_decode_compression_keeps_prompt_pvcs(device, per_head):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_budget_mode_bounds_every_layer(device):
+@pytest.mark.parametrize("policy", ["pyramid", "h2o", "streaming", "snapkv"])
+def test_budget_policies_bound_every_layer(device, policy):
     model, prompts = setup("random-llama", device)
-    cfg = small(kv_budget=64)
+    budget, steps = 64, 40
+    cfg = small(kv_budget=budget, budget_policy=policy, enabled=policy == "pyramid")
     runner = pk.Runner(model, cfg, track_positions=True)
     ids, lens = batch_prompts(prompts)
-    logits = runner.prefill(ids, lens, 40)
-    for step in range(41):
+    logits = runner.prefill(ids, lens, steps)
+    for step in range(steps + 1):
         for c in runner.layers:
-            assert c.bound <= 64 and int(c.lengths.max()) <= 64
+            limit = budget + step if policy == "snapkv" else budget  # SnapKV trims the prompt only
+            assert c.bound <= limit and int(c.lengths.max()) <= limit
             for b, n in enumerate(lens.tolist()):
-                pos = c.positions[b, 0, : int(c.lengths[b]), 0].tolist()
-                assert pos[:2] == [0, 1] and pos[-1] == n - 1 + step
-        if step < 40:
+                for h in range(c.positions.shape[1]):
+                    pos = c.positions[b, h, : int(c.lengths[b]), 0].tolist()
+                    assert pos == sorted(pos) and pos[-1] == n - 1 + step
+                    if policy in ("pyramid", "streaming"):
+                        assert pos[:2] == [0, 1]  # sinks
+                    if policy == "streaming":  # sinks + the most recent tokens, nothing else
+                        assert pos[2:] == list(range(n + step - len(pos) + 2, n + step))
+        if step < steps:
             logits = runner.decode_step(logits.argmax(-1))
 
 

@@ -21,6 +21,7 @@ class LayerCache:
     recent_q: Optional[Tensor] = None  # [B, Hq, W, D]: the layer's last W queries (decode scoring)
     unprocessed: int = 0       # tokens appended since the last decode chunk (same for every sequence)
     positions: Optional[Tensor] = None  # [B, Hkv, capacity, 1] original positions (tracking only)
+    accumulated: Optional[Tensor] = None  # [B, Hkv, capacity, 1] float32 attention sums (H2O)
 
     @property
     def capacity(self) -> int:
@@ -33,10 +34,11 @@ class LayerCache:
         return self.v[:, :, : self.bound]
 
     def rows(self) -> List[Tensor]:
-        """Every per-row buffer over [:bound] (K, V and tracked positions): what compaction moves."""
+        """Every per-row buffer over [:bound] (K, V, positions, H2O sums): what compaction moves."""
         out = [self.keys(), self.values()]
-        if self.positions is not None:
-            out.append(self.positions[:, :, : self.bound])
+        for extra in (self.positions, self.accumulated):
+            if extra is not None:
+                out.append(extra[:, :, : self.bound])
         return out
 
     def append(self, k_new: Tensor, v_new: Tensor, q_new: Optional[Tensor] = None,

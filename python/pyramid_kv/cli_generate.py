@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if os.path.sep in args.model and not os.path.exists(args.model):
         raise SystemExit(f"model path {args.model!r} not found: pass --model <path or hub id> "
                          "(the default expects ../shared/models next to this checkout)")
+    if os.path.exists(args.model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model needs no hub
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()

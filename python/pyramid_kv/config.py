@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 SCHEDULES = ("cosine", "power", "linear", "constant", "list")
 SELECTIONS = ("count", "mass")
 WEIGHTINGS = ("uniform", "linear")
+POLICIES = ("pyramid", "h2o", "streaming", "snapkv")
 
 
 def _ratio(name: str, value: float, *, zero_ok: bool = False) -> None:
@@ -73,9 +74,13 @@ class PyramidConfig:
     decode_keep: float = 0.9            # fraction of a chunk layer 0 keeps ...
     decode_decay: float = 0.1           # ... times a cosine factor falling to this at depth
     decode_layer_ratios: Optional[List[float]] = None  # explicit per-layer chunk keep ratios
-    decode_per_head: bool = True        # each KV head keeps its own tokens of a chunk
-    # ---- serving: a hard per-layer cache size (tokens per sequence), or None
+    per_head: bool = True               # cache eviction (decode chunks, budgets) per KV head
+    # ---- serving: a hard per-layer cache size (tokens per sequence), or None, and how to
+    # evict down to it: "pyramid" (the recent queries' ensemble), "h2o" (accumulated attention,
+    # half the budget for the recent window), "streaming" (sinks + most recent), "snapkv"
+    # (pooled scores of the last decode_recent prompt queries; prompt only, decode keeps all)
     kv_budget: Optional[Union[int, List[int]]] = None
+    budget_policy: str = "pyramid"
     name: str = "custom"
 
     # ------------------------------------------------------------------ validation
@@ -107,6 +112,8 @@ class PyramidConfig:
         _ratio("decode_decay", self.decode_decay, zero_ok=True)
         for i, r in enumerate(self.decode_layer_ratios or []):
             _ratio(f"decode_layer_ratios[{i}]", r, zero_ok=True)
+        if self.budget_policy not in POLICIES:
+            raise ValueError(f"budget_policy must be one of {POLICIES}, got {self.budget_policy!r}")
         budgets = self.kv_budget if isinstance(self.kv_budget, list) else [self.kv_budget]
         for i, b in enumerate(budgets):
             if b is not None:

@@ -8,7 +8,12 @@ layers compute on fewer tokens and cache fewer. Tokens keep their original posit
 Decode: each layer appends the new token; once a layer has `decode_recent + decode_chunk`
 tokens since its last compression, its recent queries score the oldest `decode_chunk` of them
 and the layer keeps its scheduled share (per KV head by default). The prompt's pivotal context
-is never re-selected. In budget mode every layer is also kept under a fixed size.
+is never re-selected.
+
+Budget mode keeps every layer under a fixed number of tokens with an eviction policy:
+PyramidInfer's recent-query ensemble ("pyramid"), H2O's accumulated attention ("h2o"),
+StreamingLLM's sinks + recent window ("streaming") or SnapKV's pooled prompt-window scores
+("snapkv", prefill only). All of them use the same selection and compaction ops.
 
 Batches are ragged and left-aligned: sequence b holds rows [0, lengths[b]) of every buffer.
 Per-sequence values stay on the device; only upper bounds (buffer widths) live on the host, so
@@ -19,9 +24,10 @@ kept counts are data dependent: one synchronisation per compressing layer sizes 
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -56,43 +62,27 @@ class Runner:
         self.layers: List[LayerCache] = []
         self._prefill_lengths: List[Tensor] = []
 
-    # ------------------------------------------------------------------ helpers
     @property
     def compress_decode(self) -> bool:
         return self.config.enabled and self.config.decode
 
-    def _scores(self, q: Tensor, k: Tensor, lengths: Tensor, recent: Tensor, rows: int,
-                lse: Optional[Tensor], scale: float) -> Tensor:
-        """Ensemble scores [B, Hkv, N] of the last `rows` queries (weights zero past each
-        sequence's own window)."""
-        cfg = self.config
-        w = row_weights(recent, rows, cfg.recent_weighting, cfg.recent_weight_max)
-        lse_r = gather_rows(lse, lengths, rows) if lse is not None else None
-        return ops.ensemble_scores(gather_rows(q, lengths, rows), k, lengths, row_weights=w,
-                                   lse=lse_r, scale=scale, validate=False)
-
-    def _decode_room(self, layer: int, max_new: int) -> int:
-        """Rows a layer can grow by while generating max_new tokens."""
-        if not self.compress_decode:
-            return max_new
-        cfg = self.config
-        kept = round(self.decode_keep[layer] * cfg.decode_chunk)
-        return min(max_new, (max_new // cfg.decode_chunk) * kept + cfg.decode_recent + cfg.decode_chunk)
+    @property
+    def policy(self) -> str:
+        return self.config.budget_policy
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
     def prefill(self, ids: Tensor, lengths: Tensor, max_new_tokens: int = 0) -> Tensor:
-        """Run the prompt ids [B, n] (sequence b valid in [0, lengths[b])) through every layer
-        with compression, build the caches, and return next-token logits [B, V] (float32)."""
+        """Run prompt ids [B, n] (sequence b valid in [0, lengths[b]); lengths on the host) through
+        every layer with compression, build the caches, and return next-token logits [B, V]."""
         a, cfg = self.adapter, self.config
         L = a.shape.num_layers
         B, n = ids.shape
         dev = a.device
-        ids = ids.to(dev)
         lens = lengths.to(dev, torch.int64)
         a.check_length(n + max_new_tokens)
-        exact = bool((lengths == n).all())  # host tensor in generate(); every row valid
-        h = a.embed(ids)
+        exact = bool((lengths == n).all())
+        h = a.embed(ids.to(dev))
         pos = torch.arange(n, device=dev).expand(B, n)
         width = n
         self.layers, self._prefill_lengths = [], []
@@ -107,39 +97,44 @@ class Runner:
             compress = cfg.compresses(li, L)
             budget = self.budgets[li]
             trim = budget is not None and width > budget
-            o, lse = causal_attention(q, k, v, scale, want_lse=compress or trim)
+            o, lse = causal_attention(q, k, v, scale, want_lse=compress or (trim and self.policy == "pyramid"))
             h = a.mlp_block(layer, h + a.attn_out(layer, o))
-            if compress or trim:
+            if compress:
                 recent = recent_lengths(lens, cfg.recent_ratio)
                 rows = recent_bound(width, cfg.recent_ratio)
-                scores = self._scores(q, k, lens, recent, rows, lse, scale).sum(1)  # [B, width]
+                scores = self._recent_scores(q, k, lens, recent, rows, lse, scale)  # [B, Hkv, width]
 
             # This layer caches the K/V of every token it processed (trimmed in budget mode).
             kept = [k, v, pos[:, None, :, None].expand(B, k.shape[1], width, 1)]
+            acc = self._accumulated(q, k, lens, scale) if self.policy == "h2o" and budget else None
+            if acc is not None:
+                kept.append(acc)
             clens, cbound, cexact = lens, width, exact
             if trim:
-                kept, clens = self._trim(kept, scores, lens, recent, rows, budget)
+                pscores = scores if compress and self.policy == "pyramid" else None
+                kept, clens = self._trim(kept, q, k, lens, lse, scale, width, budget, pscores)
                 cbound, cexact = budget, False
             self.layers.append(self._layer_cache(li, kept, clens, cbound, cexact, q, lens, max_new_tokens))
 
             if compress:
-                h, pos, lens, width = self._drop_tokens(li, h, pos, scores, lens, recent, rows, width)
+                h, pos, lens, width = self._drop_tokens(li, h, pos, scores.sum(1), lens, recent, rows, width)
                 exact = False
         last = h[torch.arange(B, device=dev), lens - 1]
         return a.logits(last)
 
-    def _trim(self, kept, scores, lens, recent, rows, budget):
-        """Budget mode: keep at most `budget` of a layer's own prefill K/V (and positions):
-        sinks, the best context, the recent window."""
+    def _recent_scores(self, q: Tensor, k: Tensor, lengths: Tensor, recent: Tensor, rows: int,
+                       lse: Optional[Tensor], scale: float) -> Tensor:
+        """PyramidInfer's ensemble scores [B, Hkv, N] of each sequence's recent queries (the last
+        `rows` rows, weighted, zero past each sequence's own window)."""
         cfg = self.config
-        recent = torch.minimum(recent, torch.full_like(recent, budget - cfg.sinks))
-        context = lens - recent
-        k_budget = (budget - recent - context.clamp(max=cfg.sinks)).clamp(min=0)
-        width = scores.shape[1]
-        idx, cnt = select_context(scores, lens, recent, k_budget, by_mass=False, sinks=cfg.sinks,
-                                  min_keep=0, context_bound=width - 1 if width > 1 else width,
-                                  keep_bound=budget, recent_bound_=rows)
-        return ops.compact(kept, idx[:, :budget], cnt, validate=False), cnt
+        w = row_weights(recent, rows, cfg.recent_weighting, cfg.recent_weight_max)
+        lse_r = gather_rows(lse, lengths, rows) if lse is not None else None
+        return ops.ensemble_scores(gather_rows(q, lengths, rows), k, lengths, row_weights=w,
+                                   lse=lse_r, scale=scale, validate=False)
+
+    def _accumulated(self, q: Tensor, k: Tensor, lengths: Tensor, scale: float) -> Tensor:
+        """H2O: every prompt query's attention summed per key, [B, Hkv, N, 1] float32."""
+        return ops.ensemble_scores(q, k, lengths, scale=scale, validate=False).unsqueeze(-1)
 
     def _drop_tokens(self, li, h, pos, scores, lens, recent, rows, width):
         """Select the context for the next layer and gather its hidden states and positions."""
@@ -147,8 +142,7 @@ class Runner:
         keep = self.keep[li]
         context_bound = width - rows
         if cfg.selection == "count":
-            context = lens - recent
-            budget = torch.ceil(context.double() * keep).long()
+            budget = torch.ceil((lens - recent).double() * keep).long()
             keep_bound = math.ceil(context_bound * keep)
         else:
             budget, keep_bound = keep, None
@@ -161,13 +155,38 @@ class Runner:
         h4, pos4 = ops.compact([h.unsqueeze(1), pos[:, None, :, None]], idx, cnt, validate=False)
         return h4[:, 0], pos4[:, 0, :, 0], cnt, idx.shape[1]
 
+    def _trim(self, kept, q, k, lens, lse, scale, width, budget, pyramid_scores):
+        """Budget mode: keep at most `budget` of a layer's own prefill rows (K, V, positions,
+        accumulated scores) under the eviction policy."""
+        cfg, policy = self.config, self.policy
+        if policy == "pyramid":
+            recent = recent_lengths(lens, cfg.recent_ratio)
+            scores = pyramid_scores
+            if scores is None:
+                scores = self._recent_scores(q, k, lens, recent, recent_bound(width, cfg.recent_ratio), lse, scale)
+        elif policy == "snapkv":
+            recent = lens.clamp(max=cfg.decode_recent)
+            scores = self._snapkv_scores(q, k, lens, scale)
+        elif policy == "h2o":
+            recent, scores = None, kept[3][..., 0]
+        else:  # streaming
+            recent, scores = None, None
+        idx, cnt = self._evict(scores, lens, budget, width, recent)
+        return ops.compact(kept, idx, cnt, validate=False), self._sequence_counts(cnt)
+
+    def _snapkv_scores(self, q: Tensor, k: Tensor, lengths: Tensor, scale: float) -> Tensor:
+        """SnapKV: the observation window's attention, max-pooled over neighbouring positions."""
+        w = self.config.decode_recent
+        s = ops.ensemble_scores(gather_rows(q, lengths, w), k, lengths, scale=scale, validate=False)
+        B, H, N = s.shape
+        return F.max_pool1d(s.view(B * H, 1, N), 7, stride=1, padding=3).view(B, H, N)
+
     def _layer_cache(self, li, kept, lens, bound, exact, q, q_lens, max_new) -> LayerCache:
-        """A decode-ready cache: the prefill K/V (and positions) copied into buffers with room
-        to grow."""
-        k, v, pos = kept
-        B, H, n, D = k.shape
+        """A decode-ready cache: the prefill rows copied into zeroed buffers with room to grow."""
+        k = kept[0]
+        B, H = k.shape[:2]
         cap = bound + self._decode_room(li, max_new)
-        if self.budgets[li] is not None:
+        if self.budgets[li] is not None and self.policy != "snapkv":
             cap = min(cap, max(self.budgets[li], bound))
 
         def buffer(x, dtype=None):
@@ -180,8 +199,17 @@ class Runner:
         recent_q = None
         if self.compress_decode or self.budgets[li] is not None:
             recent_q = gather_rows(q, q_lens, self.config.decode_recent)
-        positions = buffer(pos, torch.int32) if self.track_positions else None
-        return LayerCache(buffer(k), buffer(v), lens, bound, exact, recent_q, positions=positions)
+        return LayerCache(buffer(kept[0]), buffer(kept[1]), lens, bound, exact, recent_q,
+                          positions=buffer(kept[2], torch.int32) if self.track_positions else None,
+                          accumulated=buffer(kept[3]) if len(kept) > 3 else None)
+
+    def _decode_room(self, layer: int, max_new: int) -> int:
+        """Rows a layer can grow by while generating max_new tokens."""
+        if not self.compress_decode:
+            return max_new
+        cfg = self.config
+        kept = round(self.decode_keep[layer] * cfg.decode_chunk)
+        return min(max_new, (max_new // cfg.decode_chunk) * kept + cfg.decode_recent + cfg.decode_chunk)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -195,10 +223,13 @@ class Runner:
             scale = a.scale(layer)
             q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
             budget = self.budgets[li]
-            if budget is not None and c.bound + 1 > budget:
+            if budget is not None and self.policy != "snapkv" and c.bound + 1 > budget:
                 self._enforce_budget(c, budget, scale)
             c.append(k, v, q, self.next_pos)
             o = decode_attention(q, c.keys(), c.values(), c.lengths, scale, c.exact)
+            if c.accumulated is not None:  # H2O: add this query's attention to every key
+                c.accumulated[:, :, : c.bound, 0] += ops.ensemble_scores(
+                    q, c.keys(), c.lengths, scale=scale, validate=False)
             h = a.mlp_block(layer, h + a.attn_out(layer, o))
             if self.compress_decode and c.unprocessed >= cfg.decode_recent + cfg.decode_chunk:
                 self._compress_chunk(li, c, scale)
@@ -218,10 +249,14 @@ class Runner:
     def _segments(self, scores: Tensor, *per_sequence: Tensor):
         """Rows to select on: per KV head [B*Hkv, N] or summed per sequence [B, N], with the
         per-sequence tensors repeated to match; H = heads per sequence (0 when summed)."""
-        if self.config.decode_per_head:
+        if self.config.per_head:
             H = scores.shape[1]
             return scores.flatten(0, 1), [t.repeat_interleave(H) for t in per_sequence], H
         return scores.sum(1), list(per_sequence), 0
+
+    def _sequence_counts(self, counts: Tensor) -> Tensor:
+        """[B] lengths from per-head counts [B, H] (equal across heads by construction)."""
+        return counts[:, 0].clone() if counts.dim() == 2 else counts
 
     def _compress_chunk(self, li: int, c: LayerCache, scale: float) -> None:
         """Keep the layer's share of the oldest unprocessed chunk of decode tokens."""
@@ -246,24 +281,43 @@ class Runner:
 
     def _enforce_budget(self, c: LayerCache, budget: int, scale: float) -> None:
         """Budget mode, before an append would exceed the budget: shrink to budget - chunk."""
-        cfg = self.config
+        cfg, policy = self.config, self.policy
         target = budget - cfg.decode_chunk
-        recent = torch.minimum(c.lengths, torch.full_like(c.lengths, cfg.decode_recent))
-        context = c.lengths - recent
-        k_budget = (target - recent - context.clamp(max=cfg.sinks)).clamp(min=0)
-        scores = self._decode_scores(c, scale)
-        rows, (lengths, recent_s, k_s), H = self._segments(scores, c.lengths, recent, k_budget)
-        context_bound = c.bound - min(cfg.decode_recent, c.bound)
-        idx, cnt = select_context(rows, lengths, recent_s, k_s, by_mass=False, sinks=cfg.sinks,
-                                  min_keep=0, context_bound=context_bound, keep_bound=target,
-                                  recent_bound_=cfg.decode_recent)
-        idx = idx[:, : c.bound]
-        B = c.lengths.shape[0]
-        if H:
-            idx, cnt = idx.view(B, H, -1), cnt.view(B, H)
+        recent, scores = None, None
+        if policy == "pyramid":
+            recent = c.lengths.clamp(max=cfg.decode_recent)
+            scores = self._decode_scores(c, scale)
+        elif policy == "h2o":
+            scores = c.accumulated[:, :, : c.bound, 0]
+        idx, cnt = self._evict(scores, c.lengths, target, c.bound, recent)
         compact_inplace(c.rows(), idx, cnt)
-        c.shrink((cnt[:, 0] if H else cnt).clone(), target)
+        c.shrink(self._sequence_counts(cnt), target)
         c.unprocessed = min(c.unprocessed, cfg.decode_recent)
+
+    def _evict(self, scores: Optional[Tensor], lengths: Tensor, target: int, bound: int,
+               recent: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Index lists keeping at most `target` rows of each sequence: the policy's sinks and
+        recent window, then the highest scores (per KV head with config.per_head)."""
+        cfg, policy = self.config, self.policy
+        sinks = cfg.sinks if policy in ("pyramid", "streaming") else 0
+        if recent is None:  # streaming: sinks + the most recent; h2o: half heavy hitters, half recent
+            window = target - sinks if policy == "streaming" else target // 2
+            recent = lengths.clamp(max=window)
+        if scores is None:  # nothing to choose among: the window already fills the budget
+            scores = torch.zeros((lengths.shape[0], 1, bound), device=lengths.device)
+        recent = torch.minimum(recent, torch.full_like(recent, target - sinks))
+        context = lengths - recent
+        top = (target - recent - context.clamp(max=sinks)).clamp(min=0)
+        rows, (lens, rec, k), H = self._segments(scores, lengths, recent, top)
+        if H and scores.shape[1] == 1:  # a per-sequence score broadcast to every KV head
+            H = 0
+        idx, cnt = select_context(rows, lens, rec, k, by_mass=False, sinks=sinks, min_keep=0,
+                                  context_bound=bound, keep_bound=target, recent_bound_=min(bound, target))
+        idx = idx[:, : min(bound, target)]
+        if H:
+            B = lengths.shape[0]
+            idx, cnt = idx.view(B, H, -1), cnt.view(B, H)
+        return idx, cnt
 
     # ------------------------------------------------------------------ accounting
     def stats(self) -> CacheStats:
