@@ -1,4 +1,4 @@
-"""Command line: ``pyramid-kv info | generate`` (or ``python -m pyramid_kv ...``)."""
+"""Command line: ``pyramid-kv info | generate | eval`` (or ``python -m pyramid_kv ...``)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pyramid-kv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, and which kernels were built")
-    from . import cli_generate
+    from . import cli_eval, cli_generate
 
     cli_generate.add_arguments(sub.add_parser("generate", help="generate with a compressed KV cache"))
+    cli_eval.add_arguments(sub.add_parser("eval", help="quality vs KV budget against a full cache and rivals"))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    return cli_generate.run(args)
+    return {"generate": cli_generate.run, "eval": cli_eval.run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -35,19 +35,26 @@ def prefill_lengths(config: PyramidConfig, num_layers: int, n: int) -> List[int]
 def cache_lengths(config: PyramidConfig, num_layers: int, n: int, new_tokens: int) -> List[int]:
     """Tokens each layer holds after generating `new_tokens` (the cache then has the prompt and
     new_tokens - 1 generated tokens, as in transformers), step by step as the runner does."""
+    return cache_history(config, num_layers, n, new_tokens)[-1]
+
+
+def cache_history(config: PyramidConfig, num_layers: int, n: int, new_tokens: int) -> List[List[int]]:
+    """Per-layer cache lengths after the prefill and after each of the new_tokens - 1 appends."""
     on = config.enabled
     lengths = prefill_lengths(config, num_layers, n) if on else [n] * num_layers
     budgets = config.budgets(num_layers)
     chunk, recent = config.decode_chunk, config.decode_recent
     keep = config.decode_keep_ratios(num_layers)
-    out = []
+    decode_budget = config.budget_policy != "snapkv"  # SnapKV trims the prompt only
+    history = []
     for layer, length in enumerate(lengths):
         budget = budgets[layer]
         if budget is not None:
             length = min(length, budget)
         unprocessed = 0
+        row = [length]
         for _ in range(max(new_tokens - 1, 0)):
-            if budget is not None and length + 1 > budget:  # shrink before the append
+            if budget is not None and decode_budget and length + 1 > budget:  # shrink, then append
                 length = min(length, budget - chunk)
                 unprocessed = min(unprocessed, recent)
             length += 1
@@ -55,11 +62,18 @@ def cache_lengths(config: PyramidConfig, num_layers: int, n: int, new_tokens: in
             if on and config.decode and unprocessed >= recent + chunk:
                 length -= chunk - round(keep[layer] * chunk)
                 unprocessed -= chunk
-        out.append(length)
-    return out
+            row.append(length)
+        history.append(row)
+    return [list(step) for step in zip(*history)]
 
 
 def kv_fraction(config: PyramidConfig, num_layers: int, n: int, new_tokens: int) -> float:
     """Cache held after generation over a full cache's, for one sequence."""
     full = num_layers * (n + max(new_tokens - 1, 0))
     return sum(cache_lengths(config, num_layers, n, new_tokens)) / full
+
+
+def mean_fraction(config: PyramidConfig, num_layers: int, n: int, new_tokens: int) -> float:
+    """The held fraction averaged over the steps that predict each of new_tokens tokens."""
+    steps = cache_history(config, num_layers, n, new_tokens)
+    return sum(sum(s) / (num_layers * (n + t)) for t, s in enumerate(steps)) / len(steps)
