@@ -1,4 +1,4 @@
-"""Command line: ``pyramid-kv info | generate | eval`` (or ``python -m pyramid_kv ...``)."""
+"""Command line: ``pyramid-kv info | generate | eval | bench-e2e`` (or ``python -m pyramid_kv ...``)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cli_generate.add_arguments(sub.add_parser("generate", help="generate with a compressed KV cache"))
     cli_eval.add_arguments(sub.add_parser("eval", help="quality vs KV budget against a full cache and rivals"))
+    sub.add_parser("bench-e2e", add_help=False,
+                   help="end-to-end throughput/memory vs transformers (GPU; --help for options)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench-e2e"]:
+        from . import bench_e2e
+
+        return bench_e2e.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
