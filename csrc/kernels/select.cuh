@@ -129,8 +129,9 @@ struct RadixSelect {
   static_assert(kThreads % 32 == 0 && kChunks <= kThreads, "bad configuration");
   using St = Stored<T>;
   using S = typename St::type;
-  using ScanU64 = cub::BlockScan<u64, kThreads>;
-  using ScanU32 = cub::BlockScan<uint32_t, kThreads>;
+  // Warp scans plus one barrier: cheaper than raking for these small scans.
+  using ScanU64 = cub::BlockScan<u64, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  using ScanU32 = cub::BlockScan<uint32_t, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
 
   struct Shared {
     union {
@@ -308,10 +309,11 @@ struct RadixSelect {
       const int nb = min(kBits, shift), low = shift - nb;
       uint32_t* lo_w = hist() + (pass & 1) * 2 * kBins;  // zeroed, read by nobody
       uint32_t* hi_w = lo_w + kBins;
+      const uint32_t prefix32 = static_cast<uint32_t>(prefix);  // shift < 32 after the first pass
 #pragma unroll 1
       for (int i = c_lo + tid; i < c_hi; i += kThreads) {
         const uint32_t key = key_at(i);
-        if ((static_cast<u64>(key) >> shift) != prefix) continue;
+        if (!first && (key >> shift) != prefix32) continue;  // first pass: all share the prefix
         const uint32_t d = (key >> low) & ((1u << nb) - 1);
         if constexpr (Weight::kUnit) {
           atomicAdd(lo_w + d, 1u);
@@ -379,7 +381,7 @@ struct RadixSelect {
 
   // Counts of candidates above / at t, segment totals and what precedes this CTA's slice.
   __device__ Tally tally(uint32_t t, int which) {
-    u64 gt = 0, eq = 0;
+    uint32_t gt = 0, eq = 0;
     for (int i = c_lo + tid; i < c_hi; i += kThreads) {
       const uint32_t key = key_at(i);
       gt += key > t;
@@ -523,9 +525,9 @@ struct RadixSelect {
   }
 };
 
-// Occupancy targets: 1280 segments of the short classes in one wave, 2 large CTAs per SM.
+// Occupancy targets: 1280 short segments in one wave (132 SMs), 2 large CTAs per SM.
 template <typename T, int kThreads, int kBits>
-__global__ void __launch_bounds__(kThreads, kThreads == 128 ? 10 : (kThreads == 256 ? 5 : 2))
+__global__ void __launch_bounds__(kThreads, kThreads <= 128 ? 10 : (kThreads == 256 ? 5 : 2))
     select_radix(const SelectParams p, const SelectLaunch L) {
   using Sel = RadixSelect<T, kThreads, kBits>;
   __shared__ typename Sel::Shared sh;
@@ -562,11 +564,13 @@ inline int round_up16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); 
 }  // namespace select_detail
 
 // Strategy by segment width N (every segment of a launch has length <= N):
-//   N <= 2048:  one 128-thread CTA per segment, 8-bit digits (many short segments, 16 CTAs/SM)
+//   N <= 1024:  one 64-thread CTA per segment, 8-bit digits (many short segments: little
+//               per-pass overhead, up to 32 CTAs per SM)
+//   N <= 2048:  one 128-thread CTA per segment, 8-bit digits
 //   N <= 8192:  one 256-thread CTA per segment, 8-bit digits
 //   larger:     512-thread CTAs with 11-bit digits, one per 64 KB slice, clusters of up to 8
 //               CTAs per segment; beyond 8 slices the slices are re-read from global memory.
-constexpr int64_t kSelectSmallN = 2048, kSelectMediumN = 8192;
+constexpr int64_t kSelectTinyN = 1024, kSelectSmallN = 2048, kSelectMediumN = 8192;
 
 // CTAs that work on one segment of width N (the grid has S times as many).
 inline int select_ctas_per_segment(int64_t N, int64_t elem_size) {
@@ -581,7 +585,8 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   using namespace select_detail;
   if (p.S == 0) return cudaSuccess;
   const int64_t N = p.N;
-  if (N <= kSelectSmallN) return launch<T, 128, 8>(p, {1, round_up16(N > 0 ? N : 1), true}, stream);
+  if (N <= kSelectTinyN) return launch<T, 64, 8>(p, {1, round_up16(N > 0 ? N : 1), true}, stream);
+  if (N <= kSelectSmallN) return launch<T, 128, 8>(p, {1, round_up16(N), true}, stream);
   if (N <= kSelectMediumN) return launch<T, 256, 8>(p, {1, round_up16(N), true}, stream);
   const int cluster = select_ctas_per_segment(N, sizeof(T));
   const bool staged = N <= static_cast<int64_t>(cluster) * (kSelectStageBytes / sizeof(T));
