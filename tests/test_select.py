@@ -10,8 +10,16 @@ from pyramid_kv import reference as ref
 from helpers import DTYPES, devices, generator, poison_allocator, rand_lengths
 
 
-def random_scores(g, S, N, dtype, ties):
+def random_scores(g, S, N, dtype, ties, kind="skewed"):
     x = torch.rand(S, N, generator=g) ** 3  # skewed like attention mass
+    if kind == "softmax":  # attention-like: a few heavy tokens, a long light tail
+        x = torch.softmax(torch.randn(S, N, generator=g) * 2.5, -1) if N else x
+    elif kind == "equal":  # one key: no radix pass at all
+        x = torch.full((S, N), 0.375)
+    elif kind == "special":  # NaN, -inf, negatives, signed zeros, denormals, large values
+        pool = torch.tensor([float("nan"), float("-inf"), -1.0, -0.0, 0.0, 6e-8, 1e-40, 6e4, 0.25, 2.0])
+        pick = pool[torch.randint(0, len(pool), (S, N), generator=g)]
+        x = torch.where(torch.rand(S, N, generator=g) < 0.3, pick, x)
     if ties:  # few distinct values: many exact ties
         x = torch.floor(x * 4) / 4
     return x.to(dtype)
@@ -35,12 +43,11 @@ def check_definition(scores, lengths, budget, by_mass, sink, recent, min_keep, c
         assert (keep | ~forced[s]).all(), "forced positions must be kept"
         ck, cd = keep & cand[s], ~keep & cand[s]
         r, n_forced, n_cand = int(ck.sum()), int(forced[s].sum()), int(cand[s].sum())
-        # Every kept candidate precedes every dropped one in (score desc, position asc) order.
+        # Every kept candidate precedes every dropped one in (score desc, position asc) order:
+        # one int64 rank key < 2^63 (order keys < 2^32, positions < 2^31).
         if ck.any() and cd.any():
-            pos = torch.arange(N)
-            worst_kept = min(zip(key[s][ck].tolist(), (-pos[ck]).tolist()))
-            best_dropped = max(zip(key[s][cd].tolist(), (-pos[cd]).tolist()))
-            assert worst_kept > best_dropped
+            rank_key = key[s] * 2**31 + (2**31 - 1 - torch.arange(N))
+            assert int(rank_key[ck].min()) > int(rank_key[cd].max())
         hi = min(n_cand, capacity - n_forced)
         lo = min(max(min_keep - n_forced, 0), hi)
         b = budget[s].item() if isinstance(budget, torch.Tensor) else budget
@@ -58,16 +65,18 @@ def check_definition(scores, lengths, budget, by_mass, sink, recent, min_keep, c
             assert kept_mass - smallest < target + tol
 
 
-def run_case(device, seed, S, N, dtype, ties, by_mass, budget_kind, sink, recent, min_keep, cap_kind):
+def run_case(device, seed, S, N, dtype, ties, by_mass, budget_kind, sink, recent, min_keep, cap_kind,
+             kind="skewed", layout="contiguous", full=False):
     g = generator(seed)
-    scores = random_scores(g, S, N, dtype, ties)
-    lengths = rand_lengths(S, N, g)
+    scores = random_scores(g, S, N, dtype, ties, kind)
+    lengths = torch.full((S,), N) if full else rand_lengths(S, N, g)
     if by_mass:
         budget = {"scalar": float(torch.rand((), generator=g) * 0.98 + 0.02),
-                  "near0": 1e-6, "one": 1.0,
+                  "near0": 1e-6, "near1": 1.0 - 1e-6, "one": 1.0,
                   "tensor": torch.rand(S, generator=g).clamp(min=1e-3)}[budget_kind]
     else:
         budget = {"scalar": int(torch.randint(0, N + 2, (), generator=g)), "near0": 0, "one": N,
+                  "near1": max(N - 1, 0),
                   "tensor": torch.randint(0, N + 2, (S,), generator=g, dtype=torch.int32)}[budget_kind]
     forced_max = min(N, sink + recent)
     capacity = {"full": N, "wide": N + 5,
@@ -76,7 +85,12 @@ def run_case(device, seed, S, N, dtype, ties, by_mass, budget_kind, sink, recent
     fn, ref_fn = (pk.select_top_p, ref.select_top_p) if by_mass else (pk.select_top_k, ref.select_top_k)
     kw = dict(sink=sink, recent=recent, min_keep=min_keep, capacity=capacity)
     poison_allocator(device)
-    sel = fn(to(scores), to(lengths), to(budget), **kw)
+    dev_scores = to(scores)
+    if layout == "strided":  # rows 4 elements apart and the first one off 16-byte alignment
+        wide = torch.empty(S, N + 7, dtype=dtype, device=device)
+        wide[:, 1:N + 1] = dev_scores
+        dev_scores = wide[:, 1:N + 1]
+    sel = fn(dev_scores, to(lengths), to(budget), **kw)
     assert sel.indices.shape == (S, capacity) and sel.indices.dtype == torch.int32
     assert sel.counts.shape == (S,) and sel.counts.dtype == torch.int32
     exp_idx, exp_cnt = ref_fn(scores, lengths, budget, **kw)
@@ -85,6 +99,7 @@ def run_case(device, seed, S, N, dtype, ties, by_mass, budget_kind, sink, recent
         # Only top-p may differ, and only where float summation order flips a borderline element.
         assert by_mass, "top-k must match the reference exactly"
     check_definition(scores, lengths, budget, by_mass, sink, recent, min_keep, capacity, sel)
+    return sel
 
 
 @pytest.mark.parametrize("device", devices())
@@ -125,3 +140,93 @@ def test_nan_and_negative_scores(device):
     assert sel.indices[0, : int(sel.counts[0])].tolist() == [2, 4]
     sel = pk.select_top_k(scores, lengths, 4)  # order: 0.5, 0.25, 0 (pos 3), -1; NaN last
     assert sel.indices[0, :4].tolist() == [1, 2, 3, 4]
+
+
+# ---- CUDA strategies ------------------------------------------------------------------------
+# The CUDA kernel picks its strategy from N: one 64-thread CTA per segment (N <= 1024), one
+# 128-thread CTA (N <= 2048), one 256-thread CTA (N <= 8192), 512-thread CTAs holding 64 KB slices
+# (16384 float32 / 32768 16-bit scores) in shared memory, in clusters of up to 8 CTAs per segment,
+# and beyond 8 slices the slices are re-read from global memory. These widths hit every class
+# and its boundaries.
+STRATEGY_N = [1, 33, 768, 1024, 1025, 2048, 2049, 4096, 8192, 8193, 16384, 16385, 32768, 40000,
+              70001]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", STRATEGY_N)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("by_mass", [True, False])
+def test_cuda_strategies(N, dtype, by_mass):
+    cases = [  # kind, ties, budget, sink, recent, min_keep, capacity, layout, full lengths
+        ("softmax", False, "scalar", 4, N // 10, 0, "full", "contiguous", True),
+        ("skewed", False, "tensor", 4, N // 10, 16, "tight", "contiguous", False),
+        ("skewed", True, "near0", 1, 8, 64, "wide", "strided", False),
+        ("softmax", False, "near1", 0, 0, 0, "full", "strided", False),
+        ("special", False, "scalar", 0, 3, 1, "full", "contiguous", False),
+        ("equal", False, "tensor", 2, 5, 0, "tight", "contiguous", True),
+    ]
+    for i, (kind, ties, bk, sink, recent, mk, cap, layout, full) in enumerate(cases):
+        run_case("cuda", N * 31 + i, 5, N, dtype, ties, by_mass, bk, sink, recent, mk, cap,
+                 kind=kind, layout=layout, full=full)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("S,N,dtype", [(32, 131072, torch.float32), (8, 131072, torch.bfloat16),
+                                       (3, 140000, torch.float32), (2, 300000, torch.bfloat16),
+                                       (2, 270000, torch.float16), (40, 16384, torch.float32)])
+@pytest.mark.parametrize("by_mass", [True, False])
+def test_large_cuda(S, N, dtype, by_mass):
+    """Full-length segments of the clustered and the global-memory (unstaged) strategies."""
+    run_case("cuda", S + N, S, N, dtype, False, by_mass, "scalar", 4, N // 10, 0, "full",
+             kind="softmax", full=True)
+    run_case("cuda", S + N + 1, S, N, dtype, True, by_mass, "tensor", 4, 64, 128, "tight")
+
+
+@pytest.mark.cuda
+def test_cuda_unstaged_small_batch():
+    """The global-memory strategy (N > 8 slices) with ragged lengths, under the sanitizers too."""
+    for by_mass in (True, False):
+        run_case("cuda", 7, 2, 140000, torch.float32, False, by_mass, "tensor", 4, 100, 16, "tight")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", [768, 8193, 40000])
+def test_cuda_deterministic(N):
+    """Exact integer masses: the same input gives the same selection on every run."""
+    g = generator(N)
+    scores = torch.softmax(torch.randn(16, N, generator=g) * 3, -1).cuda()
+    lengths = torch.randint(N // 2, N + 1, (16,), generator=g).cuda()
+    first = pk.select_top_p(scores, lengths, 0.9, sink=4, recent=32)
+    for _ in range(3):
+        again = pk.select_top_p(scores, lengths, 0.9, sink=4, recent=32)
+        assert torch.equal(first.indices, again.indices) and torch.equal(first.counts, again.counts)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_top_p_infinite_and_zero_mass(device):
+    """An inf candidate holds all the mass (r = 1); an all-zero segment keeps only the floor."""
+    scores = torch.tensor([[0.5, float("inf"), 2.0, float("inf"), 1.0],
+                           [0.0, -0.0, 0.0, -1.0, 0.0]], device=device)
+    lengths = torch.tensor([5, 5], device=device)
+    sel = pk.select_top_p(scores, lengths, 0.5, min_keep=2)
+    exp_idx, exp_cnt = ref.select_top_p(scores.cpu(), lengths.cpu(), 0.5, min_keep=2)
+    assert torch.equal(sel.indices.cpu(), exp_idx) and torch.equal(sel.counts.cpu(), exp_cnt)
+    assert sel.indices[0, :2].tolist() == [1, 3] and sel.indices[1, :2].tolist() == [0, 1]
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_range_values_are_clamped():
+    """Device-side clamping (validate=False): lengths outside [0, N], p outside (0, 1] or NaN,
+    negative or huge k. (The CPU kernel raises on these values instead.)"""
+    g = generator(5)
+    scores = (torch.rand(4, 300, generator=g) ** 2).cuda()
+    lengths = torch.tensor([300, 400, -3, 7]).cuda()
+    clamped = lengths.cpu().clamp(0, 300)
+    p = torch.tensor([1.5, -0.5, float("nan"), 2.0]).cuda()
+    sel = pk.select_top_p(scores, lengths, p, sink=2, min_keep=3, validate=False)
+    exp = ref.select_top_p(scores.cpu(), clamped, p.cpu().nan_to_num(0.0).clamp(0, 1), sink=2, min_keep=3)
+    assert torch.equal(sel.indices.cpu(), exp[0]) and torch.equal(sel.counts.cpu(), exp[1])
+    k = torch.tensor([-5, 10**12, 3, 1]).cuda()
+    sel = pk.select_top_k(scores, lengths, k, recent=4, validate=False)
+    exp = ref.select_top_k(scores.cpu(), clamped, k.cpu().clamp(min=0), recent=4)
+    assert torch.equal(sel.indices.cpu(), exp[0]) and torch.equal(sel.counts.cpu(), exp[1])

@@ -10,7 +10,12 @@ std::tuple<Tensor, Tensor> select_cuda(const Tensor& scores, const Tensor& lengt
                                        int64_t min_keep, int64_t capacity) {
   const SelectDims d = check_select(scores, lengths, per_segment, by_mass, sink, recent, min_keep,
                                     capacity);
-  TORCH_CHECK_VALUE(d.S <= INT32_MAX, "select: at most 2^31 - 1 segments, got ", d.S);
+  // Positions and grid indices are 32-bit in the kernel (with a margin for its tiles).
+  TORCH_CHECK_VALUE(d.N <= INT32_MAX - 65536, "select: at most 2^31 - 65537 positions per segment "
+                    "on CUDA, got ", d.N);
+  const int64_t ctas = kernels::select_ctas_per_segment(d.N, scores.element_size());
+  TORCH_CHECK_VALUE(d.S <= INT32_MAX / ctas, "select: at most ", INT32_MAX / ctas,
+                    " segments of this length on CUDA, got ", d.S);
   const c10::cuda::CUDAGuard guard(scores.device());
   Tensor indices = at::empty({d.S, capacity}, scores.options().dtype(at::kInt));
   Tensor counts = at::empty({d.S}, scores.options().dtype(at::kInt));
@@ -31,7 +36,7 @@ std::tuple<Tensor, Tensor> select_cuda(const Tensor& scores, const Tensor& lengt
   p.counts = counts.mutable_data_ptr<int32_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(scores.scalar_type(), "select", [&](auto t) {
-    check_launch(kernels::launch_select_generic<decltype(t)>(p, stream), "select");
+    check_launch(kernels::launch_select<decltype(t)>(p, stream), "select");
   });
   return {indices, counts};
 }
