@@ -87,3 +87,95 @@ def test_cuda_matches_cpu_large():
     expect = ref.ensemble_scores(q.double(), k.double(), lengths)
     out = pk.ensemble_scores(q.cuda(), k.cuda(), lengths.cuda()).cpu()
     assert rel_err(out, expect) <= 2e-3
+
+
+# ---- CUDA tensor-core path (bf16/fp16, D in {64, 128, 256}) and its fallbacks --------------
+
+def reference_lse(q, k, lengths, scale):
+    """Float64 natural log-sum-exp of every recent row ([B, Hq, W]; -inf at negative positions)."""
+    B, Hq, W, D = q.shape
+    N, G = k.shape[2], Hq // k.shape[1]
+    s = torch.einsum("bhwd,bhnd->bhwn", q.double(), k.double().repeat_interleave(G, 1)) * scale
+    pos = lengths.long()[:, None].to(q.device) - W + torch.arange(W, device=q.device)
+    vis = torch.arange(N, device=q.device) <= pos[:, :, None]
+    return s.masked_fill(~vis[:, None], float("-inf")).logsumexp(-1)
+
+
+# (B, Hkv, W, N, lengths): N = 1 and W = 1; W = 1 over several key tiles; W = N with an empty
+# sequence; W > N (rows at negative positions); ragged, N not a multiple of any tile, several
+# key tiles and (for G > 1) several row tiles of the normaliser pass; N >= 2048 with few CTAs,
+# where the normaliser pass splits its key range in 4 (a length-5 sequence leaves 3 empty).
+TC_SHAPES = [
+    (1, 1, 1, 1, [1]),
+    (2, 2, 1, 300, [300, 17]),
+    (2, 1, 70, 70, [70, 0]),
+    (3, 1, 150, 40, [40, 1, 23]),
+    (2, 1, 200, 555, [555, 301]),
+    (2, 1, 40, 2100, [2100, 5]),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("given_lse", [False, True])
+def test_cuda_tensor_core_path(dtype, D, G, given_lse):
+    g = generator(1000 * D + 10 * G + given_lse)
+    for n, (B, Hkv, W, N, lens) in enumerate(TC_SHAPES):
+        q = (2 * torch.randn(B, Hkv * G, W, D, generator=g)).to(dtype)  # peakier than unit scale
+        k = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+        lengths = torch.tensor(lens, dtype=torch.int32 if n % 2 else torch.int64)
+        rw = torch.rand(B, W, generator=g) + 0.25 if n % 2 == 0 else None
+        scale = D ** -0.5
+        lse = reference_lse(q, k, lengths, scale).float() if given_lse else None
+        if lse is not None:  # the op must ignore rows at negative positions whatever they hold
+            lse = torch.where(torch.isfinite(lse), lse, float("nan"))
+        expect = ref.ensemble_scores(q.double(), k.double(), lengths, rw, lse, scale)
+        poison_allocator("cuda")
+        to = lambda t: None if t is None else t.cuda()  # noqa: E731
+        out = pk.ensemble_scores(q.cuda(), k.cuda(), lengths.cuda(), row_weights=to(rw),
+                                 lse=to(lse), scale=scale).cpu()
+        assert torch.isfinite(out).all(), (n, B, W, N)
+        # The issue asks for <= 2e-3; bf16 inputs are exact in the float64 reference, so fp32
+        # accumulation lands near 1e-6 and a tighter bound catches off-by-one masks.
+        assert rel_err(out, expect) <= 1e-4, (n, B, W, N, rel_err(out, expect))
+        pad = torch.arange(N) >= lengths[:, None]
+        assert (out.masked_select(pad[:, None, :].expand_as(out)) == 0).all()
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_core_strided_and_deterministic():
+    """[B, N, H, D] caches as transposed views, lse as a strided view, expanded weights; two
+    calls agree bitwise (no atomics)."""
+    g = generator(21)
+    B, Hq, Hkv, W, N, D = 2, 16, 4, 97, 700, 128
+    q = torch.randn(B, W, Hq, D, generator=g).bfloat16().cuda().transpose(1, 2)
+    k = torch.randn(B, N, Hkv, D, generator=g).bfloat16().cuda().transpose(1, 2)
+    lengths = torch.tensor([700, 433], device="cuda")
+    rw = torch.linspace(0.5, 1.5, W, device="cuda").expand(B, W)
+    lse = reference_lse(q, k, lengths, D ** -0.5).float().transpose(1, 2).contiguous().transpose(1, 2)
+    expect = ref.ensemble_scores(q.double(), k.double(), lengths, rw, None)
+    for l in (None, lse):
+        out = pk.ensemble_scores(q, k, lengths, row_weights=rw, lse=l)
+        assert rel_err(out, expect) <= 1e-4
+        assert torch.equal(out, pk.ensemble_scores(q, k, lengths, row_weights=rw, lse=l))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["fp32", "head_dim_96", "misaligned_rows"])
+def test_cuda_generic_fallback(case):
+    """Inputs the tensor-core path does not take run the generic kernel and still match."""
+    g = generator(5)
+    B, Hq, Hkv, W, N, D = 2, 8, 2, 33, 150, 64
+    dtype = torch.float32 if case == "fp32" else torch.float16
+    if case == "head_dim_96":
+        D = 96
+    q = torch.randn(B, Hq, W, D, generator=g).to(dtype).cuda()
+    k = torch.randn(B, Hkv, N, D + 1, generator=g).to(dtype).cuda()
+    # Row stride D + 1 is not a multiple of 16 bytes: the cp.async path must not take it.
+    k = k[..., 1:] if case == "misaligned_rows" else k[..., :D]
+    lengths = torch.tensor([150, 77], device="cuda")
+    out = pk.ensemble_scores(q, k, lengths)
+    expect = ref.ensemble_scores(q.double(), k.double(), lengths)
+    assert rel_err(out, expect) <= 1e-4

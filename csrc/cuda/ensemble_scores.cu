@@ -1,7 +1,23 @@
-#include "kernels/ensemble_scores.cuh"
+#include "kernels/ensemble_scores_tc.cuh"
 #include "launch.h"
 
 namespace pyramid_kv {
+namespace {
+
+// The tensor-core path copies rows with 16-byte cp.async: base and every stride that is used
+// (dims of size > 1) must be 16-byte aligned. Its index arithmetic is 32-bit.
+bool tc_path_fits(const Tensor& q, const Tensor& k, const EnsembleDims& d) {
+  if (q.scalar_type() == at::kFloat || !kernels::ensemble_tc_head_dim(d.D)) return false;
+  for (const Tensor* t : {&q, &k}) {
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+    for (int64_t i = 0; i < 3; ++i)
+      if (t->size(i) > 1 && t->stride(i) % 8 != 0) return false;
+  }
+  constexpr int64_t kMax = (int64_t{1} << 31) - 1024;
+  return d.Hq / d.Hkv * d.W <= kMax && d.N <= kMax;
+}
+
+}  // namespace
 
 Tensor ensemble_scores_cuda(const Tensor& q, const Tensor& k, const Tensor& lengths,
                             const OptTensor& row_weights, const OptTensor& lse, double scale) {
@@ -35,8 +51,25 @@ Tensor ensemble_scores_cuda(const Tensor& q, const Tensor& k, const Tensor& leng
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sn = k.stride(2);
   p.scale = static_cast<float>(scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  p.lse_splits = 1;
+  const bool tc = tc_path_fits(q, k, d);
+  Tensor partial_ws;
   dispatch_float(q.scalar_type(), "ensemble_scores", [&](auto t) {
-    check_launch(kernels::launch_ensemble_scores_generic<decltype(t)>(p, stream), "ensemble_scores");
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      check_launch(kernels::launch_ensemble_scores_generic<T>(p, stream), "ensemble_scores");
+    } else if (!tc) {
+      check_launch(kernels::launch_ensemble_scores_generic<T>(p, stream), "ensemble_scores");
+    } else {
+      if (!lse) {
+        check_launch(kernels::ensemble_lse_splits<T>(p, &p.lse_splits), "ensemble_scores");
+        if (const int64_t n = kernels::ensemble_lse_partials(p, p.lse_splits); n > 0) {
+          partial_ws = at::empty({n, 2}, q.options().dtype(at::kFloat));
+          p.lse_partial = reinterpret_cast<float2*>(partial_ws.mutable_data_ptr<float>());
+        }
+      }
+      check_launch(kernels::launch_ensemble_scores_tc<T>(p, stream), "ensemble_scores");
+    }
   });
   return out;
 }

@@ -16,6 +16,8 @@ struct EnsembleParams {
   const float* row_weights;  // [B, W] or null
   const float* lse;          // [B, Hq, W] or null (then lse_out is filled first)
   float* lse_out;            // workspace [B, Hq, W] (contiguous)
+  float2* lse_partial;       // tensor-core path: [lse_splits, B, Hq, W] (max, sum) per key range
+  int lse_splits;            // tensor-core path: key ranges of the normaliser pass (1: no partials)
   float* out;                // [B, Hkv, N] contiguous
   int64_t B, Hq, Hkv, W, N, D;
   int64_t q_sb, q_sh, q_sw;  // element strides
