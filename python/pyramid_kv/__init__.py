@@ -16,12 +16,14 @@ except ImportError as e:  # pragma: no cover - only without a built extension
         "`pip install --no-build-isolation .` against the torch you run with") from e
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
-from .ops import Selection, compact, ensemble_scores, select_top_k, select_top_p  # noqa: E402
+from .ops import (Selection, compact, compact_, ensemble_scores, select_top_k,  # noqa: E402
+                  select_top_p)
 
 __all__ = [
     "__version__",
     "Selection",
     "compact",
+    "compact_",
     "ensemble_scores",
     "select_top_k",
     "select_top_p",
