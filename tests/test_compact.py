@@ -69,6 +69,8 @@ def test_hidden_states_and_positions_in_one_call(device):
     for o, e in zip(out, expect):
         assert torch.equal(o.cpu(), e)
     assert torch.equal(out[3][:, 0, :, 0].cpu(), torch.where(torch.arange(30) < counts[:, None], idx, 0))
+    moved = pk.compact_([s.to(device, copy=True) for s in srcs], idx.to(device), counts.to(device))
+    check_inplace(moved, idx, counts, expect)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -112,6 +114,11 @@ def test_row_sizes(device, dtype, D):
     idx, counts = idx.view(B, H, C), counts.view(B, H)
     out = pk.compact([src.to(device)], idx.to(device), counts.to(device))[0]
     assert torch.equal(out.cpu(), ref.compact([src], idx, counts)[0])
+    idx, counts = ascending_selection(g, B * H, N, C, 0.6)
+    idx, counts = idx.view(B, H, C), counts.view(B, H)
+    expect = ref.compact([src], idx, counts)
+    moved = pk.compact_([src.to(device, copy=True)], idx.to(device), counts.to(device))
+    check_inplace(moved, idx, counts, expect)
 
 
 # ---- in place ---------------------------------------------------------------------------------
@@ -175,7 +182,7 @@ def test_inplace_reference_and_untouched_rows(device):
     k = torch.randn(B, H, N, D, generator=g)
     idx, counts = ascending_selection(g, B, N, C, 0.5, prefix=10)
     expect = ref.compact_([k.clone()], idx, counts)[0]
-    got = pk.compact_([k.to(device)], idx.to(device), counts.to(device))[0].cpu()
+    got = pk.compact_([k.to(device, copy=True)], idx.to(device), counts.to(device))[0].cpu()
     check_inplace([got], idx, counts, [expect])
     assert torch.equal(got[:, :, :10], k[:, :, :10])  # the identity prefix never moved
 
@@ -188,7 +195,7 @@ def test_inplace_reference_and_untouched_rows(device):
     (2, 4, 6000, 256, torch.float32, False, "BHND"),  # 1 KB rows: 16 rows per tile
     (1, 1, 20000, 8200, torch.float32, False, "BHND"),  # 32.8 KB rows: three column stripes
 ])
-def test_inplace_stress(B, H, N, D, dtype, per_head, layout):
+def test_inplace_large_stress(B, H, N, D, dtype, per_head, layout):
     """Many repetitions on large caches with fresh index sets (keep 5%..99%, identity prefixes,
     all rows kept): a tile that overwrote rows before an earlier tile read them would show."""
     g = generator(N + D)
@@ -220,6 +227,23 @@ def test_inplace_stress(B, H, N, D, dtype, per_head, layout):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("per_head", [False, True])
+def test_inplace_many_tiles(per_head):
+    """Long segments (many tiles awaiting each other), small enough for compute-sanitizer."""
+    g = generator(7)
+    B, H, N, D = 1, 2, 4096, 128
+    rows = B * H if per_head else B
+    for keep, prefix in [(0.05, 0), (0.5, 100), (0.97, 0), (1.0, 0)]:
+        k = torch.randn(B, H, N, D, generator=g).bfloat16()
+        idx, counts = ascending_selection(g, rows, N, N, keep, prefix)
+        if per_head:
+            idx, counts = idx.view(B, H, N), counts.view(B, H)
+        expect = ref.compact([k], idx, counts)
+        got = pk.compact_([k.cuda()], idx.cuda(), counts.cuda())
+        check_inplace(got, idx, counts, expect)
+
+
+@pytest.mark.cuda
 def test_inplace_bad_indices_stay_in_bounds():
     """Without validation, non-ascending, out-of-range indices and counts above C or N must not
     fault or hang (the rows are then unspecified). Run under compute-sanitizer memcheck."""
@@ -238,7 +262,7 @@ def test_inplace_bad_indices_stay_in_bounds():
 
 
 @pytest.mark.cuda
-def test_over_2g_elements():
+def test_large_over_2g_elements():
     """Byte offsets are 64-bit: gathers and moves of rows past 2^31 elements."""
     N, D = (1 << 21) + 1000, 1024  # uint8 [1, 1, N, D]: 2^31 + ~1M elements
     try:

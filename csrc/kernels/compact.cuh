@@ -15,16 +15,16 @@
 // ascending, so src(i) >= i: a tile with destination rows [S, E) reads only rows >= S of its
 // stripe, and a later tile of the stripe never reads a row that an earlier one writes. The
 // only hazard is an EARLIER tile k reading a row of [S, E) that this tile overwrites
-// (write-after-read). So every tile (1) loads all its source chunks into registers,
-// (2) passes a block barrier and publishes a "read done" flag (fence + release store, the
-// pattern of a cooperative grid barrier), (3) waits for the flags of the earlier tiles of its
-// stripe whose source rows can lie in [S, E), (4) passes a barrier and stores. Rows with
-// src(i) == i are neither read nor written (decode moves only the tail). Tiles take ids
-// from an atomic ticket in the order they start, and publish before they wait, so every
-// awaited tile is running or done: no deadlock, even with bad indices (a tile only ever
-// waits for lower ids of its own stripe). The earlier tiles that can read [S, E) form a
-// range [a, b] of row tiles that two warps find by 32-way searches of the ascending index
-// row while the loads are in flight (typically one or two tiles). Skipped tiles publish too.
+// (write-after-read). So every tile (1) loads all its source chunks into registers and
+// consumes them (every load has returned), (2) passes a block barrier and publishes a "read
+// done" flag (fence + release store, the pattern of a cooperative grid barrier), (3) waits for
+// the flags of the earlier tiles of its stripe whose source rows can lie in [S, E), (4) passes
+// a barrier and stores. Rows with src(i) == i are neither read nor written (decode moves only
+// the tail). Tiles take ids from an atomic ticket in the order they start and publish before
+// they wait, so every awaited tile is running or done: no deadlock, even with bad indices (a
+// tile only ever waits for lower ids of its own stripe). The earlier tiles that can read
+// [S, E) form a range [a, b] of row tiles that two warps find by 32-way searches of the
+// ascending index row while the loads are in flight (typically one or two tiles).
 #pragma once
 
 #include "common.cuh"
