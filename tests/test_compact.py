@@ -196,7 +196,7 @@ def test_inplace_reference_and_untouched_rows(device):
     (1, 1, 20000, 8200, torch.float32, False, "BHND"),  # 32.8 KB rows: three column stripes
 ])
 def test_inplace_large_stress(B, H, N, D, dtype, per_head, layout):
-    """Many repetitions on large caches with fresh index sets (keep 5%..99%, identity prefixes,
+    """Many repetitions on large caches with fresh index sets (keep 5%..100%, identity prefixes,
     all rows kept): a tile that overwrote rows before an earlier tile read them would show."""
     g = generator(N + D)
     torch.manual_seed(N)
@@ -208,7 +208,9 @@ def test_inplace_large_stress(B, H, N, D, dtype, per_head, layout):
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     reps = 24 if k.numel() < (1 << 28) else 6
     for rep in range(reps):
-        keep = [0.05, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0][rep % 7]
+        # High keep ratios shift rows by a few positions: the awaited tile is the one just
+        # before, running at the same time (the hardest case for the protocol).
+        keep = [0.05, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0][rep % 7]
         prefix = [0, 0, 17, N // 3, N][rep % 5]
         idx, counts = ascending_selection(g, rows, N, N, keep, prefix)
         if per_head:

@@ -238,8 +238,9 @@ def compact_(src: Sequence[Tensor], indices: Tensor, counts: Tensor, *,
     counts : Tensor [B] or [B, H], int32 or int64
         Number of valid entries of each index row (<= C).
     validate : bool, optional
-        Check the index values first (CUDA; one synchronisation). The CPU kernel always checks.
-        Unchecked bad indices on CUDA give unspecified rows but never out-of-bounds accesses.
+        Check the index values and their ascent first (CUDA; synchronises with the host). The
+        CPU kernel always checks. Unchecked bad indices on CUDA give unspecified rows but never
+        out-of-bounds accesses.
 
     Returns
     -------
