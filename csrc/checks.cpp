@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -178,6 +179,19 @@ void check_compact_out(at::TensorList src, const CompactDims& dims, at::TensorLi
       const bool overlap = o.numel() > 0 && src[u].numel() > 0 &&
                            o.storage().is_alias_of(src[u].storage());
       TORCH_CHECK_VALUE(!overlap, "out[", t, "] must not share memory with src[", u, "]");
+    }
+  }
+}
+
+void check_compact_inplace(at::TensorList src) {
+  for (size_t t = 0; t < src.size(); ++t) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(src[t]) != at::MemOverlap::Yes, "src[", t,
+                      "] has elements that share memory (e.g. a zero stride); in-place ",
+                      "compaction needs distinct elements");
+    for (size_t u = 0; u < t; ++u) {
+      const at::MemOverlapStatus s = at::get_overlap_status(src[u], src[t]);
+      TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
+                        "src[", t, "] must not share memory with src[", u, "]");
     }
   }
 }

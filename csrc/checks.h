@@ -29,6 +29,8 @@ struct CompactDims {
 };
 CompactDims check_compact(at::TensorList src, const Tensor& indices, const Tensor& counts);
 void check_compact_out(at::TensorList src, const CompactDims& dims, at::TensorList out);
+// In place: no tensor may overlap itself (zero strides) or another tensor of the call.
+void check_compact_inplace(at::TensorList src);
 
 // Value checks: CPU kernels run them inline (no cost); CUDA kernels cannot without a host
 // sync, so they clamp instead and the Python wrappers validate on request.

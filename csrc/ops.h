@@ -25,7 +25,8 @@ using OptTensor = std::optional<Tensor>;
   std::vector<Tensor> compact_##DEV(at::TensorList src, const Tensor& indices,             \
                                     const Tensor& counts);                                  \
   void compact_out_##DEV(at::TensorList src, const Tensor& indices, const Tensor& counts,   \
-                         at::TensorList out);
+                         at::TensorList out);                                               \
+  void compact_inplace_##DEV(at::TensorList src, const Tensor& indices, const Tensor& counts);
 
 PYRAMID_KV_DECLARE_OPS(cpu)
 PYRAMID_KV_DECLARE_OPS(cuda)

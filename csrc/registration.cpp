@@ -39,6 +39,12 @@ TORCH_LIBRARY(pyramid_kv, m) {
   // As compact, into caller-provided buffers out[t] [B, H, C_out >= C, D] that do not
   // overlap src.
   m.def("compact_out(Tensor[] src, Tensor indices, Tensor counts, Tensor(a!)[] out) -> ()");
+
+  // In-place compact: row i of every src[b, h] becomes its row indices[b, (h,) i] for
+  // i < counts[b, (h)], so the kept rows move to the front of the same buffer. The first
+  // counts entries of each index row must be strictly ascending (a row only moves forward);
+  // rows at or past the count are unspecified afterwards.
+  m.def("compact_(Tensor(a!)[] src, Tensor indices, Tensor counts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyramid_kv, CPU, m) {
@@ -47,6 +53,7 @@ TORCH_LIBRARY_IMPL(pyramid_kv, CPU, m) {
   m.impl("select_top_k", &pyramid_kv::select_top_k_cpu);
   m.impl("compact", &pyramid_kv::compact_cpu);
   m.impl("compact_out", &pyramid_kv::compact_out_cpu);
+  m.impl("compact_", &pyramid_kv::compact_inplace_cpu);
 }
 
 #ifdef PYRAMID_KV_WITH_CUDA
@@ -56,6 +63,7 @@ TORCH_LIBRARY_IMPL(pyramid_kv, CUDA, m) {
   m.impl("select_top_k", &pyramid_kv::select_top_k_cuda);
   m.impl("compact", &pyramid_kv::compact_cuda);
   m.impl("compact_out", &pyramid_kv::compact_out_cuda);
+  m.impl("compact_", &pyramid_kv::compact_inplace_cuda);
 }
 #endif
 

@@ -60,3 +60,5 @@ def sample_inputs(device):
         yield ("compact", ops.compact.default, ([k, v], idx, counts), lambda s, i, c: ref.compact(s, i, c))
         out = [torch.zeros(B, H, C + 2, D, device=device), torch.zeros(B, H, C + 2, D, device=device).bfloat16()]
         yield ("compact_out", ops.compact_out.default, ([k, v], idx, counts, out), None)
+        # In place: the indices above are strictly ascending within each count.
+        yield ("compact_", ops.compact_.default, ([k.clone(), v.clone()], idx, counts), None)

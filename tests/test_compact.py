@@ -69,6 +69,8 @@ def test_hidden_states_and_positions_in_one_call(device):
     for o, e in zip(out, expect):
         assert torch.equal(o.cpu(), e)
     assert torch.equal(out[3][:, 0, :, 0].cpu(), torch.where(torch.arange(30) < counts[:, None], idx, 0))
+    moved = pk.compact_([s.to(device, copy=True) for s in srcs], idx.to(device), counts.to(device))
+    check_inplace(moved, idx, counts, expect)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -98,3 +100,190 @@ def test_unaligned_rows(device):
     counts = torch.tensor([4, 3])
     out = pk.compact([src.to(device)], idx.to(device), counts.to(device))[0]
     assert torch.equal(out.cpu(), ref.compact([src], idx, counts)[0])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 8192), (torch.bfloat16, 12000), (torch.float16, 96),
+                                     (torch.float32, 2), (torch.int64, 1), (torch.uint8, 5)])
+def test_row_sizes(device, dtype, D):
+    """Rows wider than one tile (split into column stripes), rows of a few bytes, 8/4/1-byte accesses."""
+    g = generator(D)
+    B, H, N, C = 2, 2, 37, 29
+    src = random_tensor(g, (B, H, N, D), dtype)
+    idx, counts = random_indices(g, B * H, N, C, False)
+    idx, counts = idx.view(B, H, C), counts.view(B, H)
+    out = pk.compact([src.to(device)], idx.to(device), counts.to(device))[0]
+    assert torch.equal(out.cpu(), ref.compact([src], idx, counts)[0])
+    idx, counts = ascending_selection(g, B * H, N, C, 0.6)
+    idx, counts = idx.view(B, H, C), counts.view(B, H)
+    expect = ref.compact([src], idx, counts)
+    moved = pk.compact_([src.to(device, copy=True)], idx.to(device), counts.to(device))
+    check_inplace(moved, idx, counts, expect)
+
+
+# ---- in place ---------------------------------------------------------------------------------
+
+def ascending_selection(g, rows, N, C, keep, prefix=0):
+    """Random strictly ascending kept positions (each kept with probability `keep`, the first
+    `prefix` always), C >= the counts; -1 past each count."""
+    mask = torch.rand(rows, N, generator=g) < keep
+    mask[:, :prefix] = True
+    counts = mask.sum(1).clamp(max=C)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # kept positions first
+    idx = torch.full((rows, C), -1, dtype=torch.long)
+    w = min(N, C)
+    idx[:, :w] = torch.where(torch.arange(w) < counts[:, None], order[:, :w], -1)
+    return idx, counts
+
+
+def check_inplace(tensors, idx, counts, expect):
+    """Rows below the count equal the reference; the rest are unspecified."""
+    C = idx.shape[-1]
+    for t, e in zip(tensors, expect):
+        B, H, N, D = t.shape
+        cnt = counts.long().cpu()
+        if idx.dim() == 2:
+            cnt = cnt[:, None].expand(B, H)
+        w = min(C, N)
+        live = (torch.arange(w) < cnt[..., None])[..., None].expand(B, H, w, D)
+        got = t[:, :, :w].cpu()
+        assert torch.equal(got[live], e[:, :, :w][live])
+
+
+@pytest.mark.parametrize("device", devices())
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), H=st.sampled_from([1, 2, 8]),
+       N=st.integers(0, 300), C=st.integers(0, 320), D=st.sampled_from([1, 3, 8, 64, 128, 256]),
+       dtype=st.sampled_from(ALL_DTYPES), per_head=st.booleans(), layout=st.sampled_from(["BHND", "BNHD"]),
+       idx_dtype=st.sampled_from([torch.int32, torch.int64]), keep=st.floats(0.0, 1.0),
+       prefix=st.integers(0, 300))
+def test_inplace_matches_reference(device, seed, B, H, N, C, D, dtype, per_head, layout, idx_dtype, keep,
+                                   prefix):
+    g = generator(seed)
+    k = random_tensor(g, (B, H, N, D), dtype)
+    v = random_tensor(g, (B, H, N, D), dtype)
+    if layout == "BNHD":
+        k, v = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    idx, counts = ascending_selection(g, B * H if per_head else B, N, C, keep, prefix)
+    if per_head:
+        idx, counts = idx.view(B, H, C), counts.view(B, H)
+    idx, counts = idx.to(idx_dtype), counts.to(idx_dtype)
+    expect = ref.compact([k, v], idx, counts)
+    tensors = [k.to(device), v.to(device)]
+    res = pk.compact_(tensors, idx.to(device), counts.to(device))
+    assert res[0] is tensors[0] and res[1] is tensors[1]
+    check_inplace(tensors, idx, counts, expect)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_inplace_reference_and_untouched_rows(device):
+    """The reference agrees with the op; identity rows and rows of other heads stay as they were."""
+    g = generator(11)
+    B, H, N, D, C = 2, 3, 64, 16, 40
+    k = torch.randn(B, H, N, D, generator=g)
+    idx, counts = ascending_selection(g, B, N, C, 0.5, prefix=10)
+    expect = ref.compact_([k.clone()], idx, counts)[0]
+    got = pk.compact_([k.to(device, copy=True)], idx.to(device), counts.to(device))[0].cpu()
+    check_inplace([got], idx, counts, [expect])
+    assert torch.equal(got[:, :, :10], k[:, :, :10])  # the identity prefix never moved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,H,N,D,dtype,per_head,layout", [
+    (2, 8, 8192, 128, torch.bfloat16, False, "BHND"),
+    (1, 2, 65536, 128, torch.float16, True, "BHND"),  # many tiles per segment: long wait chains
+    (4, 8, 4096, 64, torch.bfloat16, True, "BNHD"),
+    (2, 4, 6000, 256, torch.float32, False, "BHND"),  # 1 KB rows: 16 rows per tile
+    (1, 1, 20000, 8200, torch.float32, False, "BHND"),  # 32.8 KB rows: three column stripes
+])
+def test_inplace_large_stress(B, H, N, D, dtype, per_head, layout):
+    """Many repetitions on large caches with fresh index sets (keep 5%..100%, identity prefixes,
+    all rows kept): a tile that overwrote rows before an earlier tile read them would show."""
+    g = generator(N + D)
+    torch.manual_seed(N)
+    rows = B * H if per_head else B
+    shape = (B, N, H, D) if layout == "BNHD" else (B, H, N, D)
+    k = torch.randn(shape, device="cuda").to(dtype)
+    v = torch.randn(shape, device="cuda").to(dtype)
+    if layout == "BNHD":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    reps = 24 if k.numel() < (1 << 28) else 6
+    for rep in range(reps):
+        # High keep ratios shift rows by a few positions: the awaited tile is the one just
+        # before, running at the same time (the hardest case for the protocol).
+        keep = [0.05, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0][rep % 7]
+        prefix = [0, 0, 17, N // 3, N][rep % 5]
+        idx, counts = ascending_selection(g, rows, N, N, keep, prefix)
+        if per_head:
+            idx, counts = idx.view(B, H, N), counts.view(B, H)
+        idx, counts = idx.cuda(), counts.cuda()
+        expect = ref.compact([k, v], idx, counts)  # on the GPU: torch.gather
+        pk.compact_([k, v], idx, counts, validate=rep == 0)
+        cnt = counts if per_head else counts[:, None].expand(B, H)
+        live = (torch.arange(N, device="cuda") < cnt[..., None])[..., None]
+        for t, e in zip((k, v), expect):
+            bad = (live & (t != e)).sum().item()
+            assert bad == 0, f"rep {rep} keep {keep} prefix {prefix}: {bad} wrong elements"
+        # Refill so that every repetition moves fresh data.
+        k.copy_(torch.randn(k.shape, device="cuda").to(dtype))
+        v.copy_(torch.randn(v.shape, device="cuda").to(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_head", [False, True])
+def test_inplace_many_tiles(per_head):
+    """Long segments (many tiles awaiting each other), small enough for compute-sanitizer."""
+    g = generator(7)
+    B, H, N, D = 1, 2, 4096, 128
+    rows = B * H if per_head else B
+    for keep, prefix in [(0.05, 0), (0.5, 100), (0.97, 0), (1.0, 0)]:
+        k = torch.randn(B, H, N, D, generator=g).bfloat16()
+        idx, counts = ascending_selection(g, rows, N, N, keep, prefix)
+        if per_head:
+            idx, counts = idx.view(B, H, N), counts.view(B, H)
+        expect = ref.compact([k], idx, counts)
+        got = pk.compact_([k.cuda()], idx.cuda(), counts.cuda())
+        check_inplace(got, idx, counts, expect)
+
+
+@pytest.mark.cuda
+def test_inplace_bad_indices_stay_in_bounds():
+    """Without validation, non-ascending, out-of-range indices and counts above C or N must not
+    fault or hang (the rows are then unspecified). Run under compute-sanitizer memcheck."""
+    g = generator(3)
+    B, H, N, D, C = 2, 2, 300, 64, 400
+    guard = torch.zeros(B, H, N + 64, D, device="cuda")
+    k = guard[:, :, 32:32 + N]  # neighbours on both sides must stay zero
+    k.copy_(torch.randn(B, H, N, D, generator=g))
+    idx = torch.randint(-1000, 1000, (B, H, C), generator=g).cuda()
+    for counts in (torch.full((B, H), C), torch.tensor([[-5, 3], [10**6, N + 1]])):
+        pk.compact_([k], idx, counts.cuda(), validate=False)
+        idx = idx.sort(-1, descending=True).values
+    pk.compact_([k], idx.sort(-1).values, torch.full((B, H), N, device="cuda"), validate=False)
+    torch.cuda.synchronize()
+    assert (guard[:, :, :32] == 0).all() and (guard[:, :, 32 + N:] == 0).all()
+
+
+@pytest.mark.cuda
+def test_large_over_2g_elements():
+    """Byte offsets are 64-bit: gathers and moves of rows past 2^31 elements."""
+    N, D = (1 << 21) + 1000, 1024  # uint8 [1, 1, N, D]: 2^31 + ~1M elements
+    try:
+        x = torch.randint(0, 256, (1, 1, N, D), dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    lo = (1 << 21) - 3  # rows straddling element 2^31
+    picks = torch.tensor(sorted({0, 5, lo, lo + 1, lo + 2, lo + 3, lo + 4, N - 2, N - 1}), device="cuda")
+    C = picks.numel() + 3
+    idx = torch.full((1, C), -1, device="cuda", dtype=torch.long)
+    idx[0, :picks.numel()] = picks
+    counts = torch.tensor([picks.numel()], device="cuda")
+    expect = x[0, 0, picks].clone()
+    (out,) = pk.compact([x], idx, counts)
+    assert torch.equal(out[0, 0, :picks.numel()], expect) and (out[0, 0, picks.numel():] == 0).all()
+    pk.compact_([x], idx, counts)
+    assert torch.equal(x[0, 0, :picks.numel()], expect)
+    # A full-length identity-plus-tail move: most rows skip, the tail crosses 2^31 elements.
+    keep = torch.cat([torch.arange(lo, device="cuda"), torch.arange(lo + 7, N, device="cuda")])
+    tail = x[0, 0, lo + 7:].clone()
+    pk.compact_([x], keep[None], torch.tensor([keep.numel()], device="cuda"))
+    assert torch.equal(x[0, 0, lo:lo + tail.shape[0]], tail)

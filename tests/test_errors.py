@@ -101,6 +101,33 @@ def test_compact_errors(device):
     raises(ValueError, "out[0] must not share memory with src[0]", pk.compact, [k], idx, cnt, out=[k])
 
 
+@pytest.mark.parametrize("device", devices())
+def test_compact_inplace_errors(device):
+    k = torch.randn(2, 4, 10, 8, device=device)
+    idx = torch.tensor([[0, 3, 9], [1, 2, -1]], device=device)
+    cnt = torch.tensor([3, 2], device=device)
+    raises(ValueError, "src must hold at least one tensor", pk.compact_, [], idx, cnt)
+    raises(ValueError, "src[0] must be 4-D", pk.compact_, [k[0]], idx, cnt)
+    raises(TypeError, "indices must be int32 or int64", pk.compact_, [k], idx.float(), cnt)
+    raises(ValueError, "src[1] must not share memory with src[0]", pk.compact_, [k, k], idx, cnt)
+    raises(ValueError, "src[0] has elements that share memory", pk.compact_,
+           [k[:, :1].expand(2, 4, 10, 8)], idx, cnt)
+    raises(ValueError, "re:counts\\[1\\] = 4 is outside", pk.compact_, [k], idx, torch.tensor([3, 4], device=device))
+    raises(ValueError, "re:indices.* = 10 is outside", pk.compact_, [k], torch.tensor([[0, 10, 1], [0, 0, 0]], device=device), cnt)
+    # Strictly ascending within the count (the CPU kernel and the CUDA wrapper both check).
+    raises(ValueError, "indices row 0 must be strictly ascending for in-place compaction: entry 2 = 3 follows 3",
+           pk.compact_, [k], torch.tensor([[0, 3, 3], [1, 2, -1]], device=device), cnt)
+    raises(ValueError, "indices row 1 must be strictly ascending for in-place compaction: entry 1 = 1 follows 2",
+           pk.compact_, [k], torch.tensor([[0, 3, 9], [2, 1, -1]], device=device), cnt)
+    per_head = torch.tensor([[[0, 3, 9]] * 4, [[1, 2, -1]] * 3 + [[5, 4, -1]]], device=device)
+    raises(ValueError, "indices row 7 must be strictly ascending", pk.compact_, [k], per_head,
+           torch.tensor([[3] * 4, [2] * 4], device=device))
+    pk.compact_([k], torch.tensor([[0, 3, 3], [1, 2, -1]], device=device), torch.tensor([2, 2], device=device))
+    # Interleaved views of one buffer (K and V of a [B, H, N, 2, D] cache) are distinct elements.
+    kv = torch.randn(2, 4, 10, 2, 8, device=device)
+    pk.compact_([kv[:, :, :, 0], kv[:, :, :, 1]], idx, cnt)
+
+
 def test_wrapper_value_checks_match_cpu_kernel_messages():
     """The wrappers' pre-checks (used for CUDA tensors) say what the CPU kernels say."""
     from pyramid_kv import ops
@@ -121,3 +148,11 @@ def test_wrapper_value_checks_match_cpu_kernel_messages():
     idx = torch.tensor([[0, 3, 9], [1, 12, -1]])
     for cnt in (torch.tensor([3, 4]), torch.tensor([3, 2])):
         assert message(ops._check_compact_values, idx, cnt, 10) == message(pk.compact, [src], idx, cnt)
+
+    def inplace_checks(idx, cnt):
+        ops._check_compact_values(idx, cnt, 10)
+        ops._check_ascending(idx, cnt)
+
+    idx = torch.tensor([[0, 3, 9], [1, 7, 7]])
+    for cnt in (torch.tensor([3, 3]), torch.tensor([3, 4])):
+        assert message(inplace_checks, idx, cnt) == message(pk.compact_, [src], idx, cnt)

@@ -8,7 +8,7 @@ import torch
 import pyramid_kv
 from pyramid_kv import _build_info
 
-OPS = ["compact", "compact_out", "ensemble_scores", "select_top_k", "select_top_p"]
+OPS = ["compact", "compact_", "compact_out", "ensemble_scores", "select_top_k", "select_top_p"]
 
 
 def test_info_command():

@@ -1,6 +1,8 @@
 // CPU compaction: validate every index and count first (so a bad one raises before anything is
 // written), then copy whole rows with memcpy, one (tensor, batch, head) run per task. The
-// functional variant zero-fills the rows past each count so its output is deterministic.
+// functional variant zero-fills the rows past each count so its output is deterministic. In
+// place, a sequential ascending pass per (tensor, batch, head) is safe: with strictly
+// ascending indices, row i's source indices[i] >= i has not been overwritten yet.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +26,18 @@ void check_index_values(const Tensor& idx, const Tensor& cnt, const CompactDims&
   }
 }
 
+void check_ascending(const Tensor& idx, const Tensor& cnt, const CompactDims& d) {
+  for (int64_t r = 0; r < cnt.numel(); ++r) {
+    const int64_t c = cnt.const_data_ptr<int64_t>()[r];
+    const int64_t* row = idx.const_data_ptr<int64_t>() + r * d.C;
+    for (int64_t i = 1; i < c; ++i) {
+      TORCH_CHECK_VALUE(row[i] > row[i - 1], "indices row ", r,
+                        " must be strictly ascending for in-place compaction: entry ", i, " = ",
+                        row[i], " follows ", row[i - 1]);
+    }
+  }
+}
+
 void copy_rows(at::TensorList src, const Tensor& idx, const Tensor& cnt, const CompactDims& d,
                at::TensorList out, bool zero_tail) {
   for (size_t t = 0; t < src.size(); ++t) {
@@ -43,7 +57,9 @@ void copy_rows(at::TensorList src, const Tensor& idx, const Tensor& cnt, const C
         const char* sbase = sp + (b * s.stride(0) + h * s.stride(1)) * es;
         char* obase = op + (b * o.stride(0) + h * o.stride(1)) * es;
         for (int64_t i = 0; i < c; ++i) {
-          std::memcpy(obase + i * o.stride(2) * es, sbase + rows[i] * s.stride(2) * es, row_bytes);
+          char* dst = obase + i * o.stride(2) * es;
+          const char* from = sbase + rows[i] * s.stride(2) * es;
+          if (dst != from) std::memmove(dst, from, row_bytes);  // in place: rows[i] >= i
         }
         for (int64_t i = c; zero_tail && i < o.size(2); ++i) {
           std::memset(obase + i * o.stride(2) * es, 0, row_bytes);
@@ -53,11 +69,12 @@ void copy_rows(at::TensorList src, const Tensor& idx, const Tensor& cnt, const C
   }
 }
 
+Tensor as_long(const Tensor& t) { return t.to(at::kLong).contiguous(); }
+
 void compact_into(at::TensorList src, const Tensor& indices, const Tensor& counts,
                   const CompactDims& d, at::TensorList out, bool zero_tail) {
   check_compact_out(src, d, out);
-  const Tensor idx = indices.to(at::kLong).contiguous();
-  const Tensor cnt = counts.to(at::kLong).contiguous();
+  const Tensor idx = as_long(indices), cnt = as_long(counts);
   check_index_values(idx, cnt, d);
   copy_rows(src, idx, cnt, d, out, zero_tail);
 }
@@ -78,6 +95,15 @@ std::vector<Tensor> compact_cpu(at::TensorList src, const Tensor& indices, const
   }
   compact_into(src, indices, counts, d, out, true);
   return out;
+}
+
+void compact_inplace_cpu(at::TensorList src, const Tensor& indices, const Tensor& counts) {
+  const CompactDims d = check_compact(src, indices, counts);
+  check_compact_inplace(src);
+  const Tensor idx = as_long(indices), cnt = as_long(counts);
+  check_index_values(idx, cnt, d);
+  check_ascending(idx, cnt, d);
+  copy_rows(src, idx, cnt, d, src, false);
 }
 
 }  // namespace pyramid_kv

@@ -1,3 +1,5 @@
+#include <ATen/ops/zeros.h>
+
 #include "kernels/compact.cuh"
 #include "launch.h"
 
@@ -20,38 +22,48 @@ int vector_width(const Tensor& s, const Tensor& o) {
   return 1;
 }
 
-void compact_launch(at::TensorList src, const Tensor& indices, const Tensor& counts,
-                    const CompactDims& d, at::TensorList out, bool zero_tail) {
+// Parameters of one launch over src -> out (out == src in place), tiles covering `rows`
+// destination rows per segment.
+kernels::CompactParams make_params(at::TensorList src, const Tensor& indices, const Tensor& counts,
+                                   const CompactDims& d, at::TensorList out, int64_t rows) {
   TORCH_CHECK_VALUE(src.size() <= kernels::kMaxCompactTensors, "compact: at most ",
                     kernels::kMaxCompactTensors, " tensors per call, got ", src.size());
-  const c10::cuda::CUDAGuard guard(src[0].device());
   kernels::CompactParams p{};
-  int64_t h_max = 0, rows = 0;
+  int64_t row_bytes[kernels::kMaxCompactTensors] = {};
   for (size_t i = 0; i < src.size(); ++i) {
     const Tensor& s = src[i];
     const Tensor& o = out[i];
     const int64_t es = s.element_size();
-    p.t[i] = kernels::CompactTensor{
-        static_cast<const char*>(s.const_data_ptr()), static_cast<char*>(o.mutable_data_ptr()),
-        s.size(1), s.size(3) * es,
-        s.stride(0) * es, s.stride(1) * es, s.stride(2) * es,
-        o.stride(0) * es, o.stride(1) * es, o.stride(2) * es, o.size(2), vector_width(s, o)};
-    h_max = std::max(h_max, s.size(1));
-    rows = std::max(rows, zero_tail ? o.size(2) : d.C);
+    kernels::CompactTensor& t = p.t[i];
+    t.src = static_cast<const char*>(s.const_data_ptr());
+    t.out = static_cast<char*>(o.mutable_data_ptr());
+    t.H = s.size(1);
+    t.s_sb = s.stride(0) * es, t.s_sh = s.stride(1) * es, t.s_sn = s.stride(2) * es;
+    t.o_sb = o.stride(0) * es, t.o_sh = o.stride(1) * es, t.o_sn = o.stride(2) * es;
+    t.rows = rows;
+    t.vec = vector_width(s, o);
+    row_bytes[i] = s.size(3) * es;
   }
   p.num_tensors = static_cast<int>(src.size());
+  p.per_head = d.heads > 0;
   p.indices = index_array(indices);
   p.idx_sb = indices.stride(0);
-  p.idx_sh = d.heads ? indices.stride(1) : 0;
+  p.idx_sh = p.per_head ? indices.stride(1) : 0;
   p.counts = index_array(counts);
   p.cnt_sb = counts.stride(0);
-  p.cnt_sh = d.heads ? counts.stride(1) : 0;
-  p.B = d.B, p.N = d.N, p.C = d.C, p.heads = d.heads;
+  p.cnt_sh = p.per_head ? counts.stride(1) : 0;
+  p.N = d.N;
+  p.max_count = d.N > 0 ? d.C : 0;  // nothing to gather from an empty source
+  kernels::plan_compact_tiles(p, d.B, row_bytes);
+  return p;
+}
+
+void compact_launch(at::TensorList src, const Tensor& indices, const Tensor& counts,
+                    const CompactDims& d, at::TensorList out, bool zero_tail) {
+  const c10::cuda::CUDAGuard guard(src[0].device());
+  kernels::CompactParams p = make_params(src, indices, counts, d, out, d.C);
   p.zero_tail = zero_tail;
-  if (d.B * h_max == 0 || rows == 0 || (d.N == 0 && !zero_tail)) return;
-  if (d.N == 0) p.C = 0;  // nothing to gather: counts read as zero
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(kernels::launch_compact_generic(p, h_max, rows, stream), "compact");
+  check_launch(kernels::launch_compact(p, c10::cuda::getCurrentCUDAStream()), "compact");
 }
 
 }  // namespace
@@ -72,6 +84,25 @@ std::vector<Tensor> compact_cuda(at::TensorList src, const Tensor& indices, cons
   }
   compact_launch(src, indices, counts, d, out, true);
   return out;
+}
+
+void compact_inplace_cuda(at::TensorList src, const Tensor& indices, const Tensor& counts) {
+  const CompactDims d = check_compact(src, indices, counts);
+  check_compact_inplace(src);
+  const c10::cuda::CUDAGuard guard(src[0].device());
+  // Destination rows lie below min(C, N): a count above N cannot be valid, and is clamped.
+  const int64_t rows = std::min(d.C, d.N);
+  kernels::CompactParams p = make_params(src, indices, counts, d, src, rows);
+  p.max_count = rows;
+  if (p.total_tiles == 0) return;
+  TORCH_CHECK_VALUE(p.total_tiles < (int64_t{1} << 31), "compact_: too many tiles (",
+                    p.total_tiles, ") for one call");
+  // Ticket and read-done flags, zeroed on the stream (no host synchronisation).
+  const Tensor workspace = at::zeros({kernels::compact_inplace_workspace_words(p)},
+                                     src[0].options().dtype(at::kInt));
+  check_launch(kernels::launch_compact_inplace(p, static_cast<unsigned*>(workspace.mutable_data_ptr()),
+                                               c10::cuda::getCurrentCUDAStream()),
+               "compact_");
 }
 
 }  // namespace pyramid_kv

@@ -16,7 +16,8 @@ except ImportError as e:  # pragma: no cover - only without a built extension
         "`pip install --no-build-isolation .` against the torch you run with") from e
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
-from .ops import Selection, compact, ensemble_scores, select_top_k, select_top_p  # noqa: E402
+from .ops import (Selection, compact, compact_, ensemble_scores, select_top_k,  # noqa: E402
+                  select_top_p)
 from .config import PRESETS, PyramidConfig, preset  # noqa: E402
 from .generate import GenerationOutput, generate  # noqa: E402
 from .runner import Runner  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "Runner",
     "Selection",
     "compact",
+    "compact_",
     "ensemble_scores",
     "generate",
     "preset",

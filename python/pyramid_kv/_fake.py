@@ -40,3 +40,8 @@ def _compact(src: List[Tensor], indices: Tensor, counts: Tensor) -> List[Tensor]
 @torch.library.register_fake("pyramid_kv::compact_out")
 def _compact_out(src: List[Tensor], indices: Tensor, counts: Tensor, out: List[Tensor]) -> None:
     return None
+
+
+@torch.library.register_fake("pyramid_kv::compact_")
+def _compact_inplace(src: List[Tensor], indices: Tensor, counts: Tensor) -> None:
+    return None

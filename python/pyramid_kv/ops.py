@@ -66,6 +66,25 @@ def _check_compact_values(indices: Tensor, counts: Tensor, n: int) -> None:
         raise ValueError(f"indices row {r} entry {e} = {int(rows[r, e])} is outside [0, N={n})")
 
 
+def _check_ascending(indices: Tensor, counts: Tensor) -> None:
+    c = indices.shape[-1]
+    if c < 2:
+        return
+    rows = indices.reshape(-1, c)
+    live = torch.arange(1, c, device=indices.device) < counts.flatten()[:, None]
+    i = _first_bad(live & (rows[:, 1:] <= rows[:, :-1]))
+    if i is not None:
+        r, e = divmod(i, c - 1)
+        raise ValueError(f"indices row {r} must be strictly ascending for in-place compaction: "
+                         f"entry {e + 1} = {int(rows[r, e + 1])} follows {int(rows[r, e])}")
+
+
+def _compact_shapes_agree(src: List[Tensor], indices: Tensor, counts: Tensor) -> bool:
+    """Value checks only once the shapes are sane; otherwise the op reports the shape error."""
+    return (bool(src) and src[0].dim() == 4 and indices.dim() in (2, 3)
+            and counts.shape == indices.shape[:-1])
+
+
 class Selection(NamedTuple):
     """Kept positions of each segment, ascending, -1 past ``counts`` (both int32)."""
 
@@ -192,13 +211,44 @@ def compact(src: Sequence[Tensor], indices: Tensor, counts: Tensor, *,
     the counts are zero.
     """
     src = list(src)
-    # Value checks only once the shapes are sane; otherwise the op reports the shape error.
-    shapes_agree = (bool(src) and src[0].dim() == 4 and indices.dim() in (2, 3)
-                    and counts.shape == indices.shape[:-1])
-    if shapes_agree and _needs_value_checks(indices, validate):
+    if _compact_shapes_agree(src, indices, counts) and _needs_value_checks(indices, validate):
         _check_compact_values(indices, counts, src[0].shape[2])
     if out is None:
         return list(_ops.compact.default(src, indices, counts))
     out = list(out)
     _ops.compact_out.default(src, indices, counts, out)
     return out
+
+
+def compact_(src: Sequence[Tensor], indices: Tensor, counts: Tensor, *,
+             validate: Optional[bool] = None) -> List[Tensor]:
+    """Move the kept token rows of several [B, H, N, D] tensors to their front, in place.
+
+    Row ``i < counts[b, (h)]`` of ``src[t][b, h]`` becomes its row ``indices[b, (h,) i]``, all
+    tensors in one launch, without a second buffer.
+
+    Parameters
+    ----------
+    src : sequence of Tensor [B, H_t, N, D_t]
+        As for :func:`compact`; each tensor is modified in place. No tensor may share memory with
+        itself (zero strides) or with another tensor of the call.
+    indices : Tensor [B, C] or [B, H, C], int32 or int64
+        Kept rows, STRICTLY ASCENDING within each row's count (so ``indices[i] >= i``: rows
+        only move towards the front). Entries past the count are ignored.
+    counts : Tensor [B] or [B, H], int32 or int64
+        Number of valid entries of each index row (<= C).
+    validate : bool, optional
+        Check the index values and their ascent first (CUDA; synchronises with the host). The
+        CPU kernel always checks. Unchecked bad indices on CUDA give unspecified rows but never
+        out-of-bounds accesses.
+
+    Returns
+    -------
+    The list of ``src`` tensors. Rows at or past the counts hold unspecified data afterwards.
+    """
+    src = list(src)
+    if _compact_shapes_agree(src, indices, counts) and _needs_value_checks(indices, validate):
+        _check_compact_values(indices, counts, src[0].shape[2])
+        _check_ascending(indices, counts)
+    _ops.compact_.default(src, indices, counts)
+    return src

@@ -122,3 +122,19 @@ def compact(src: Sequence[Tensor], indices: Tensor, counts: Tensor) -> List[Tens
         g = torch.gather(s, 2, rows)
         out.append(torch.where(live[..., None], g, torch.zeros((), dtype=s.dtype, device=s.device)))
     return out
+
+
+def compact_(src: Sequence[Tensor], indices: Tensor, counts: Tensor) -> List[Tensor]:
+    """In-place compaction through a gathered copy: rows below the count take their kept rows;
+    the others stay as they were (the op leaves them unspecified)."""
+    gathered = compact(src, indices, counts)
+    C = indices.shape[-1]
+    for s, g in zip(src, gathered):
+        B, H, N, D = s.shape
+        w = min(C, N)
+        cnt = counts.long()
+        if indices.dim() == 2:
+            cnt = cnt[:, None].expand(B, H)
+        live = (torch.arange(w, device=s.device) < cnt[..., None])[..., None]
+        s[:, :, :w] = torch.where(live, g[:, :, :w], s[:, :, :w])
+    return list(src)
