@@ -96,7 +96,6 @@ def splice_chunk(lengths: Tensor, start: Tensor, chunk: int, kept: Tensor, kept_
 
 
 def compact_inplace(tensors, indices: Tensor, counts: Tensor) -> None:
-    """Move the kept rows of each [B, H, N, D] tensor to its front (indices ascending)."""
-    moved = ops.compact(tensors, indices, counts, validate=False)
-    for t, m in zip(tensors, moved):
-        t[:, :, : m.shape[2]].copy_(m)
+    """Move the kept rows of each [B, H, N, D] tensor to its front (indices ascending); rows
+    past the counts keep stale (finite) cache rows, which attention masks out."""
+    ops.compact_(tensors, indices, counts, validate=False)
