@@ -22,13 +22,16 @@ if [[ " $stages " == *" build "* ]]; then
 fi
 if [[ " $stages " == *" tests "* ]]; then
   log tests
-  python3 -m pytest -q -rs tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rs -p timeout --timeout 150 tests ${PYTEST_ARGS:-} \
+    2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
 fi
 if [[ " $stages " == *" sanitize "* ]]; then
   for tool in memcheck racecheck; do
     log "compute-sanitizer $tool"
-    PYRAMID_KV_EXAMPLES=4 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      python3 -m pytest -q -x -m cuda ${SANITIZE_ARGS:--k "not large and not torch_compile"} tests \
+    PYRAMID_KV_EXAMPLES=4 timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool \
+      --error-exitcode 99 --print-limit 20 python3 -m pytest -q -x -m cuda \
+      ${SANITIZE_ARGS:--k "not large and not torch_compile"} tests/test_select.py \
+      tests/test_compact.py tests/test_ensemble_scores.py tests/test_errors.py tests/test_opcheck.py \
       > "$OUT/sanitize_$tool.log" 2>&1
     echo "exit $? ($tool)"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
   done
@@ -36,7 +39,8 @@ fi
 if [[ " $stages " == *" bench "* ]]; then
   for b in ${BENCH:-}; do
     log "bench $b"
-    python3 "benchmarks/bench_$b.py" 2>&1 | tee "$OUT/bench_$b.log" | tail -40
+    timeout ${BENCH_TIMEOUT:-180} python3 "benchmarks/bench_$b.py" ${BENCH_ARGS:-} 2>&1 \
+      | tee "$OUT/bench_$b.log" | tail -${BENCH_TAIL:-30}
   done
   cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
 fi
