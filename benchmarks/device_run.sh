@@ -15,10 +15,10 @@ log() { echo "== $* ($(date +%T))"; }
 
 if [[ " $stages " == *" build "* ]]; then
   log build
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 \
     || { tail -50 "$OUT/build.log"; exit 1; }
-  python3 -m pyramid_kv info | tee "$OUT/info.txt"
+  python3 -m pyramid_kv info
 fi
 if [[ " $stages " == *" tests "* ]]; then
   log tests
@@ -42,6 +42,6 @@ if [[ " $stages " == *" bench "* ]]; then
     timeout ${BENCH_TIMEOUT:-180} python3 "benchmarks/bench_$b.py" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench_$b.log" | tail -${BENCH_TAIL:-30}
   done
-  cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+  tar czf "$OUT/results.tgz" benchmarks/results/*.json 2>/dev/null || true  # $OUT keeps <= 8 files
 fi
 log done
