@@ -58,6 +58,8 @@ def _check_compact_values(indices: Tensor, counts: Tensor, n: int) -> None:
     i = _first_bad((cnt < 0) | (cnt > c))
     if i is not None:
         raise ValueError(f"counts[{i}] = {int(cnt[i])} is outside [0, C={c}]")
+    if c == 0:
+        return
     rows = indices.reshape(-1, c)
     live = torch.arange(c, device=indices.device) < cnt[:, None]
     i = _first_bad(live & ((rows < 0) | (rows >= n)))
@@ -77,6 +79,12 @@ def _check_ascending(indices: Tensor, counts: Tensor) -> None:
         r, e = divmod(i, c - 1)
         raise ValueError(f"indices row {r} must be strictly ascending for in-place compaction: "
                          f"entry {e + 1} = {int(rows[r, e + 1])} follows {int(rows[r, e])}")
+
+
+def _select_shapes_agree(scores: Tensor, lengths: Tensor) -> bool:
+    """As _compact_shapes_agree, for the selection ops."""
+    return (scores.dim() == 2 and (scores.shape[1] <= 1 or scores.stride(1) == 1)
+            and lengths.shape == scores.shape[:1])
 
 
 def _compact_shapes_agree(src: List[Tensor], indices: Tensor, counts: Tensor) -> bool:
@@ -161,9 +169,9 @@ def select_top_p(scores: Tensor, lengths: Tensor, top_p: Union[float, Tensor], *
     Selection(indices [S, capacity] int32 ascending, -1 padded; counts [S] int32)
     """
     maybe = top_p if isinstance(top_p, Tensor) else None
-    if maybe is not None and _needs_value_checks(maybe, validate):
-        _check_top_p(maybe)
-    if _needs_value_checks(lengths, validate):
+    if _select_shapes_agree(scores, lengths) and _needs_value_checks(lengths, validate):
+        if maybe is not None:
+            _check_top_p(maybe)
         _check_lengths(lengths, _tokens(scores, -1))
     p = 1.0 if maybe is not None else float(top_p)
     return Selection(*_ops.select_top_p.default(scores, lengths, maybe, p, sink, recent, min_keep,
@@ -179,9 +187,9 @@ def select_top_k(scores: Tensor, lengths: Tensor, top_k: Union[int, Tensor], *, 
     Tensor [S]. Ties keep the lower position.
     """
     maybe = top_k if isinstance(top_k, Tensor) else None
-    if maybe is not None and _needs_value_checks(maybe, validate):
-        _check_top_k(maybe)
-    if _needs_value_checks(lengths, validate):
+    if _select_shapes_agree(scores, lengths) and _needs_value_checks(lengths, validate):
+        if maybe is not None:
+            _check_top_k(maybe)
         _check_lengths(lengths, _tokens(scores, -1))
     k = 0 if maybe is not None else int(top_k)
     return Selection(*_ops.select_top_k.default(scores, lengths, maybe, k, sink, recent, min_keep,
