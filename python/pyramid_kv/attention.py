@@ -8,8 +8,19 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _flash_lse_ok = True  # set False once the flash op refuses our shapes (e.g. an old torch)
+
+# Not cuDNN attention (torch's first choice on Hopper): it builds an execution plan for every new
+# shape, ~10-30 ms of CPU per call, and here every decode step and every compressed layer has a
+# new length. Flash (no mask) and memory-efficient (masks) kernels take any length.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    with sdpa_kernel(_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -28,8 +39,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
             return out, lse[..., : q.shape[2]].float()
         except RuntimeError:
             _flash_lse_ok = False
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa), None
+    return _sdpa(q, k, v, is_causal=True, scale=scale), None
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float,
@@ -39,5 +49,4 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: fl
     mask = None
     if not exact:
         mask = (torch.arange(k.shape[2], device=k.device) < lengths[:, None])[:, None, None, :]
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return _sdpa(q, k, v, attn_mask=mask, scale=scale)
