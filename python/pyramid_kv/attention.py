@@ -42,11 +42,31 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     return _sdpa(q, k, v, is_causal=True, scale=scale), None
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float,
-                     exact: bool) -> Tensor:
-    """One new query per sequence [B, Hq, 1, D] over cached rows [B, Hkv, N, D], of which
-    sequence b holds lengths[b] (every one of them N when `exact`)."""
+_varlen_ok = True  # set False once the flash varlen op refuses our arguments
+
+
+def decode_attention(q: Tensor, c, scale: float, width: int) -> Tensor:
+    """One new query per sequence [B, Hq, 1, D] over a layer cache `c` (a LayerCache).
+
+    On CUDA in fp16/bf16: flash attention in varlen mode over the token-major storage, reading
+    only each sequence's lengths[b] rows (no mask, fixed shapes: CUDA-graph friendly). Elsewhere:
+    SDPA over the first `width` rows with a length mask (none when every length is `width`).
+    """
+    global _varlen_ok
+    B, Hq, _, D = q.shape
+    if _varlen_ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
+        cap, Hkv = c.k_store.shape[1], c.k_store.shape[2]
+        starts = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+        try:
+            out = torch.ops.aten._flash_attention_forward(
+                q.transpose(1, 2).reshape(B, Hq, D), c.k_store.view(B * cap, Hkv, D),
+                c.v_store.view(B * cap, Hkv, D), starts, starts * cap, 1, cap, 0.0, False, False,
+                scale=scale, seqused_k=c.lengths.int())[0]
+            return out.view(B, 1, Hq, D).transpose(1, 2)
+        except RuntimeError:
+            _varlen_ok = False
+    k, v = c.keys(width), c.values(width)
     mask = None
-    if not exact:
-        mask = (torch.arange(k.shape[2], device=k.device) < lengths[:, None])[:, None, None, :]
+    if not (c.exact and width == c.bound):
+        mask = (torch.arange(width, device=k.device) < c.lengths[:, None])[:, None, None, :]
     return _sdpa(q, k, v, attn_mask=mask, scale=scale)

@@ -11,12 +11,18 @@ from torch import Tensor
 
 @dataclass
 class LayerCache:
-    """One layer's keys and values [B, Hkv, capacity, D]; sequence b holds rows [0, lengths[b])."""
+    """One layer's keys and values; sequence b holds rows [0, lengths[b]).
 
-    k: Tensor
-    v: Tensor
-    lengths: Tensor            # [B] int64, on the device
-    bound: int                 # host upper bound of every length: attention reads [:bound]
+    Storage is token-major [B, capacity, Hkv, D], so varlen attention kernels read it in place;
+    `k` and `v` are its [B, Hkv, capacity, D] views, which the ops take. Device state (lengths,
+    recent queries, rows) is only ever updated in place, so a captured CUDA graph of a decode
+    step stays valid across steps and compactions.
+    """
+
+    k_store: Tensor
+    v_store: Tensor
+    lengths: Tensor            # [B] int64, on the device, owned by this layer
+    bound: int                 # host upper bound of every length
     exact: bool = False        # every length equals bound (attention needs no mask)
     recent_q: Optional[Tensor] = None  # [B, Hq, W, D]: the layer's last W queries (decode scoring)
     unprocessed: int = 0       # tokens appended since the last decode chunk (same for every sequence)
@@ -24,14 +30,22 @@ class LayerCache:
     accumulated: Optional[Tensor] = None  # [B, Hkv, capacity, 1] float32 attention sums (H2O)
 
     @property
+    def k(self) -> Tensor:
+        return self.k_store.transpose(1, 2)
+
+    @property
+    def v(self) -> Tensor:
+        return self.v_store.transpose(1, 2)
+
+    @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k_store.shape[1]
 
-    def keys(self) -> Tensor:
-        return self.k[:, :, : self.bound]
+    def keys(self, width: Optional[int] = None) -> Tensor:
+        return self.k[:, :, : self.bound if width is None else width]
 
-    def values(self) -> Tensor:
-        return self.v[:, :, : self.bound]
+    def values(self, width: Optional[int] = None) -> Tensor:
+        return self.v[:, :, : self.bound if width is None else width]
 
     def rows(self) -> List[Tensor]:
         """Every per-row buffer over [:bound] (K, V, positions, H2O sums): what compaction moves."""
@@ -41,26 +55,29 @@ class LayerCache:
                 out.append(extra[:, :, : self.bound])
         return out
 
-    def append(self, k_new: Tensor, v_new: Tensor, q_new: Optional[Tensor] = None,
-               position: Optional[Tensor] = None) -> None:
-        """Write one token [B, Hkv, 1, D] at each sequence's end (no host synchronisation)."""
+    def advance(self) -> None:
+        """Host bookkeeping of one append (runs outside any captured graph)."""
         if self.bound >= self.capacity:
             raise RuntimeError(f"KV cache capacity {self.capacity} exceeded; allocate more decode room")
+        self.bound += 1
+        self.unprocessed += 1
+
+    def write(self, k_new: Tensor, v_new: Tensor, q_new: Optional[Tensor] = None,
+              position: Optional[Tensor] = None) -> None:
+        """Device side of one append: the token [B, Hkv, 1, D] goes to each sequence's end."""
         B, H, _, D = k_new.shape
         at = self.lengths.view(B, 1, 1, 1)
-        self.k.scatter_(2, at.expand(B, H, 1, D), k_new)
-        self.v.scatter_(2, at.expand(B, H, 1, D), v_new)
+        self.k_store.scatter_(1, at.expand(B, 1, H, D), k_new.transpose(1, 2))
+        self.v_store.scatter_(1, at.expand(B, 1, H, D), v_new.transpose(1, 2))
         if self.positions is not None and position is not None:
             self.positions.scatter_(2, at.expand(B, H, 1, 1),
                                     position.view(B, 1, 1, 1).expand(B, H, 1, 1).to(self.positions.dtype))
-        self.lengths = self.lengths + 1  # a new tensor: lengths may be shared
-        self.bound += 1
-        self.unprocessed += 1
+        self.lengths.add_(1)
         if q_new is not None and self.recent_q is not None and self.recent_q.shape[2]:
-            self.recent_q = torch.cat([self.recent_q[:, :, 1:], q_new], dim=2)
+            self.recent_q.copy_(torch.cat([self.recent_q[:, :, 1:], q_new], dim=2))
 
     def shrink(self, lengths: Tensor, bound: int) -> None:
-        self.lengths = lengths
+        self.lengths.copy_(lengths)
         self.bound = min(self.bound, bound)
         self.exact = False
 

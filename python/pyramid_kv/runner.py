@@ -43,11 +43,14 @@ class Runner:
     """Holds the model adapter, the configuration and the per-layer caches of one batch."""
 
     def __init__(self, model: nn.Module, config: Optional[PyramidConfig] = None, *,
-                 track_positions: bool = False):
+                 track_positions: bool = False, cuda_graphs: bool = True):
         """track_positions: also keep each cached token's original position (for analysis and
-        tests; costs an int32 per cached row and KV head)."""
+        tests; costs an int32 per cached row and KV head). cuda_graphs: replay decode steps as a
+        CUDA graph (on CUDA devices), which removes the per-kernel launch cost."""
         self.adapter = ModelAdapter(model)
         self.track_positions = track_positions
+        self.cuda_graphs = cuda_graphs
+        self._graph = None
         self.config = (config if config is not None else PRESETS["full"]).validate()
         L = self.adapter.shape.num_layers
         cfg = self.config
@@ -86,6 +89,7 @@ class Runner:
         pos = torch.arange(n, device=dev).expand(B, n)
         width = n
         self.layers, self._prefill_lengths = [], []
+        self._graph = None  # a new batch: new buffers
         self.prompt_lengths = lens.clone()
         self.next_pos = lens.clone()
         self.generated = 0
@@ -182,24 +186,30 @@ class Runner:
         return F.max_pool1d(s.view(B * H, 1, N), 7, stride=1, padding=3).view(B, H, N)
 
     def _layer_cache(self, li, kept, lens, bound, exact, q, q_lens, max_new) -> LayerCache:
-        """A decode-ready cache: the prefill rows copied into zeroed buffers with room to grow."""
+        """A decode-ready cache: the prefill rows copied into zeroed buffers with room to grow
+        (K and V token-major, see LayerCache)."""
         k = kept[0]
         B, H = k.shape[:2]
         cap = bound + self._decode_room(li, max_new)
         if self.budgets[li] is not None and self.policy != "snapkv":
             cap = min(cap, max(self.budgets[li], bound))
 
+        # Zeroed: appends expose rows past a sequence's length, which attention masks out, but a
+        # masked NaN would still poison the probabilities-times-values product.
+        def store(x):  # [B, H, n, D] -> token-major [B, cap, H, D]
+            b = x.new_zeros((B, cap, H, x.shape[3]))
+            b.transpose(1, 2)[:, :, :bound].copy_(x[:, :, :bound])
+            return b
+
         def buffer(x, dtype=None):
-            # Zeroed: appends expose rows past a sequence's length, which attention masks out,
-            # but a masked NaN would still poison the probabilities-times-values product.
             b = x.new_zeros((B, H, cap, x.shape[3]), dtype=dtype)
             b[:, :, :bound].copy_(x[:, :, :bound])
             return b
 
         recent_q = None
         if self.compress_decode or self.budgets[li] is not None:
-            recent_q = gather_rows(q, q_lens, self.config.decode_recent)
-        return LayerCache(buffer(kept[0]), buffer(kept[1]), lens, bound, exact, recent_q,
+            recent_q = gather_rows(q, q_lens, self.config.decode_recent).contiguous()
+        return LayerCache(store(kept[0]), store(kept[1]), lens.clone(), bound, exact, recent_q,
                           positions=buffer(kept[2], torch.int32) if self.track_positions else None,
                           accumulated=buffer(kept[3]) if len(kept) > 3 else None)
 
@@ -214,28 +224,59 @@ class Runner:
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
     def decode_step(self, tokens: Tensor) -> Tensor:
-        """Append one token per sequence [B] and return the next logits [B, V] (float32)."""
-        a, cfg = self.adapter, self.config
-        h = a.embed(tokens.view(-1, 1).to(a.device))
+        """Append one token per sequence [B] and return the next logits [B, V] (float32).
+
+        Host-side maintenance (budget eviction before the step, chunk compression after it)
+        runs eagerly; the step itself has fixed shapes and, on CUDA, is captured once as a CUDA
+        graph and replayed (see `cuda_graphs`)."""
+        cfg = self.config
+        for li, c in enumerate(self.layers):
+            budget = self.budgets[li]
+            if budget is not None and self.policy != "snapkv" and c.bound + 1 > budget:
+                self._enforce_budget(c, budget, self.adapter.scale(self.adapter.layers[li]))
+            c.advance()
+        logits = self._replay(tokens) if self._graphable() else self._step(tokens.to(self.adapter.device), graph=False)
+        if self.compress_decode:
+            for li, c in enumerate(self.layers):
+                if c.unprocessed >= cfg.decode_recent + cfg.decode_chunk:
+                    self._compress_chunk(li, c, self.adapter.scale(self.adapter.layers[li]))
+        self.generated += 1
+        return logits
+
+    def _step(self, tokens: Tensor, graph: bool) -> Tensor:
+        """The device work of one decode step. graph=True: attend over each buffer's full
+        capacity (lengths select the rows) so shapes never change."""
+        a = self.adapter
+        h = a.embed(tokens.view(-1, 1))
         cos, sin = a.rope(h, self.next_pos[:, None])
         for li, layer in enumerate(a.layers):
             c = self.layers[li]
             scale = a.scale(layer)
+            width = c.capacity if graph else c.bound
             q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
-            budget = self.budgets[li]
-            if budget is not None and self.policy != "snapkv" and c.bound + 1 > budget:
-                self._enforce_budget(c, budget, scale)
-            c.append(k, v, q, self.next_pos)
-            o = decode_attention(q, c.keys(), c.values(), c.lengths, scale, c.exact)
+            c.write(k, v, q, self.next_pos)
+            o = decode_attention(q, c, scale, width)
             if c.accumulated is not None:  # H2O: add this query's attention to every key
-                c.accumulated[:, :, : c.bound, 0] += ops.ensemble_scores(
-                    q, c.keys(), c.lengths, scale=scale, validate=False)
+                c.accumulated[:, :, :width, 0] += ops.ensemble_scores(
+                    q, c.keys(width), c.lengths, scale=scale, validate=False)
             h = a.mlp_block(layer, h + a.attn_out(layer, o))
-            if self.compress_decode and c.unprocessed >= cfg.decode_recent + cfg.decode_chunk:
-                self._compress_chunk(li, c, scale)
-        self.next_pos = self.next_pos + 1
-        self.generated += 1
+        self.next_pos.add_(1)
         return a.logits(h[:, 0])
+
+    def _graphable(self) -> bool:
+        """CUDA graphs from the third decode step (the first ones run eagerly: they create the
+        cuBLAS handles and pick the attention path that capture then records)."""
+        return self.cuda_graphs and self.adapter.device.type == "cuda" and self.generated >= 2
+
+    def _replay(self, tokens: Tensor) -> Tensor:
+        if self._graph is None:
+            self._graph_tokens = tokens.to(self.adapter.device, torch.long).clone()
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_logits = self._step(self._graph_tokens, graph=True)
+        self._graph_tokens.copy_(tokens)
+        self._graph.replay()
+        return self._graph_logits.clone()
 
     def _decode_scores(self, c: LayerCache, scale: float) -> Tensor:
         """Ensemble scores [B, Hkv, bound] of the layer's last decode_recent queries."""
@@ -275,7 +316,7 @@ class Runner:
         if H:
             idx, cnt = idx.view(B, H, -1), cnt.view(B, H)
         compact_inplace(c.rows(), idx, cnt)
-        c.lengths = c.lengths - (chunk - kept)
+        c.lengths.sub_(chunk - kept)
         c.bound -= chunk - kept
         c.unprocessed -= chunk
 
