@@ -196,6 +196,54 @@ void check_compact_inplace(at::TensorList src) {
   }
 }
 
+namespace {
+
+MergeDims check_merge_operand(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [B, X, Y, D], got shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), name,
+                   " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  check_last_dim_contiguous(t, name);
+  return {t.size(0), t.size(1), t.size(2), t.size(3)};
+}
+
+}  // namespace
+
+MergeDims check_slerp_merge(const Tensor& a, const Tensor& b, double t, double eps) {
+  const MergeDims d = check_merge_operand(a, "a");
+  TORCH_CHECK_VALUE(b.dim() == 4, "b must be 4-D [B, X, Y, D], got shape ", b.sizes());
+  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "b must have the dtype of a (",
+                   a.scalar_type(), "), got ", b.scalar_type());
+  check_same_device(b, a, "b", "a");
+  TORCH_CHECK_VALUE(b.sizes() == a.sizes(), "b must have the shape of a (", a.sizes(), "), got ",
+                    b.sizes());
+  check_last_dim_contiguous(b, "b");
+  TORCH_CHECK_VALUE(t >= 0.0 && t <= 1.0, "t must be in [0, 1], got ", t);  // NaN fails too
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
+  return d;
+}
+
+MergeDims check_slerp_restore(const Tensor& direction, const Tensor& norm) {
+  const MergeDims d = check_merge_operand(direction, "direction");
+  check_same_device(norm, direction, "norm", "direction");
+  TORCH_CHECK_TYPE(norm.scalar_type() == at::kFloat, "norm must be float32, got ",
+                   norm.scalar_type());
+  TORCH_CHECK_VALUE(norm.dim() == 3 && norm.size(0) == d.B && norm.size(1) == d.X &&
+                        norm.size(2) == d.Y,
+                    "norm must have shape [B, X, Y] = [", d.B, ", ", d.X, ", ", d.Y, "], got ",
+                    norm.sizes());
+  return d;
+}
+
+void check_slerp_restore_out(const Tensor& direction, const Tensor& out) {
+  TORCH_CHECK_TYPE(out.scalar_type() == direction.scalar_type(),
+                   "out must have the dtype of direction (", direction.scalar_type(), "), got ",
+                   out.scalar_type());
+  check_same_device(out, direction, "out", "direction");
+  TORCH_CHECK_VALUE(out.sizes() == direction.sizes(), "out must have the shape of direction (",
+                    direction.sizes(), "), got ", out.sizes());
+  check_last_dim_contiguous(out, "out");
+}
+
 void check_lengths_values(const Tensor& lengths_cpu, int64_t N, const char* name) {
   const Tensor l = lengths_cpu.to(at::kLong);
   const int64_t* p = l.const_data_ptr<int64_t>();

@@ -32,6 +32,15 @@ void check_compact_out(at::TensorList src, const CompactDims& dims, at::TensorLi
 // In place: no tensor may overlap itself (zero strides) or another tensor of the call.
 void check_compact_inplace(at::TensorList src);
 
+struct MergeDims {
+  int64_t B, X, Y, D;
+};
+// slerp_merge: a and b [B, X, Y, D], same dtype/device/shape; t in [0, 1]; eps finite >= 0.
+MergeDims check_slerp_merge(const Tensor& a, const Tensor& b, double t, double eps);
+// slerp_restore: direction [B, X, Y, D] (float), norm float32 [B, X, Y].
+MergeDims check_slerp_restore(const Tensor& direction, const Tensor& norm);
+void check_slerp_restore_out(const Tensor& direction, const Tensor& out);
+
 // Value checks: CPU kernels run them inline (no cost); CUDA kernels cannot without a host
 // sync, so they clamp instead and the Python wrappers validate on request.
 void check_lengths_values(const Tensor& lengths_cpu, int64_t N, const char* name);

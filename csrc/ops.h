@@ -26,7 +26,11 @@ using OptTensor = std::optional<Tensor>;
                                     const Tensor& counts);                                  \
   void compact_out_##DEV(at::TensorList src, const Tensor& indices, const Tensor& counts,   \
                          at::TensorList out);                                               \
-  void compact_inplace_##DEV(at::TensorList src, const Tensor& indices, const Tensor& counts);
+  void compact_inplace_##DEV(at::TensorList src, const Tensor& indices, const Tensor& counts); \
+  std::tuple<Tensor, Tensor, Tensor, Tensor> slerp_merge_##DEV(const Tensor& a, const Tensor& b, \
+                                                             double t, double eps);         \
+  Tensor slerp_restore_##DEV(const Tensor& direction, const Tensor& norm);                 \
+  void slerp_restore_out_##DEV(const Tensor& direction, const Tensor& norm, const Tensor& out);
 
 PYRAMID_KV_DECLARE_OPS(cpu)
 PYRAMID_KV_DECLARE_OPS(cuda)

@@ -45,6 +45,18 @@ TORCH_LIBRARY(pyramid_kv, m) {
   // counts entries of each index row must be strictly ascending (a row only moves forward);
   // rows at or past the count are unspecified afterwards.
   m.def("compact_(Tensor(a!)[] src, Tensor indices, Tensor counts) -> ()");
+
+  // MiniCache merge of two layers' vectors a, b [B, X, Y, D] (any strides, last dim contiguous):
+  // per vector the L2 norms, the SLERP at t of the unit directions (normalised lerp where
+  // sin(angle) < eps) and the angle / pi -> (direction [B, X, Y, D] in the input dtype,
+  // float32 norm_a, norm_b, distance [B, X, Y]), all contiguous.
+  m.def("slerp_merge(Tensor a, Tensor b, float t, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Restore a merged layer: norm[..., None] * direction (float32 math, direction's dtype).
+  m.def("slerp_restore(Tensor direction, Tensor norm) -> Tensor");
+
+  // As slerp_restore, into out [B, X, Y, D] (any strides, last dim contiguous).
+  m.def("slerp_restore_out(Tensor direction, Tensor norm, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyramid_kv, CPU, m) {
@@ -54,6 +66,9 @@ TORCH_LIBRARY_IMPL(pyramid_kv, CPU, m) {
   m.impl("compact", &pyramid_kv::compact_cpu);
   m.impl("compact_out", &pyramid_kv::compact_out_cpu);
   m.impl("compact_", &pyramid_kv::compact_inplace_cpu);
+  m.impl("slerp_merge", &pyramid_kv::slerp_merge_cpu);
+  m.impl("slerp_restore", &pyramid_kv::slerp_restore_cpu);
+  m.impl("slerp_restore_out", &pyramid_kv::slerp_restore_out_cpu);
 }
 
 #ifdef PYRAMID_KV_WITH_CUDA
@@ -64,6 +79,9 @@ TORCH_LIBRARY_IMPL(pyramid_kv, CUDA, m) {
   m.impl("compact", &pyramid_kv::compact_cuda);
   m.impl("compact_out", &pyramid_kv::compact_out_cuda);
   m.impl("compact_", &pyramid_kv::compact_inplace_cuda);
+  m.impl("slerp_merge", &pyramid_kv::slerp_merge_cuda);
+  m.impl("slerp_restore", &pyramid_kv::slerp_restore_cuda);
+  m.impl("slerp_restore_out", &pyramid_kv::slerp_restore_out_cuda);
 }
 #endif
 

@@ -156,3 +156,51 @@ def test_wrapper_value_checks_match_cpu_kernel_messages():
     idx = torch.tensor([[0, 3, 9], [1, 7, 7]])
     for cnt in (torch.tensor([3, 3]), torch.tensor([3, 4])):
         assert message(inplace_checks, idx, cnt) == message(pk.compact_, [src], idx, cnt)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_slerp_merge_errors(device):
+    from pyramid_kv import ops
+
+    a = torch.randn(2, 10, 4, 8, device=device)
+    b = torch.randn(2, 10, 4, 8, device=device)
+    op = torch.ops.pyramid_kv.slerp_merge
+    raises(ValueError, "a must be 4-D [B, X, Y, D]", ops.slerp_merge, a[0], b[0])
+    raises(ValueError, "b must be 4-D [B, X, Y, D]", ops.slerp_merge, a, b[0])
+    raises(TypeError, "a must be float32, float16 or bfloat16", ops.slerp_merge, a.double(), b.double())
+    raises(TypeError, "b must have the dtype of a", ops.slerp_merge, a, b.half())
+    raises(ValueError, "b must have the shape of a", ops.slerp_merge, a, b[:, :5])
+    raises(ValueError, "a must be contiguous in its last dimension", ops.slerp_merge,
+           a.transpose(2, 3), b.transpose(2, 3))
+    raises(ValueError, "b must be contiguous in its last dimension", ops.slerp_merge, a,
+           torch.randn(2, 10, 8, 4, device=device).transpose(2, 3))
+    for bad in (-0.1, 1.5, float("nan")):
+        raises(ValueError, "t must be in [0, 1]", ops.slerp_merge, a, b, bad)
+        raises(ValueError, "t must be in [0, 1]", op, a, b, bad, 1e-6)
+    raises(ValueError, "eps must be finite and >= 0", ops.slerp_merge, a, b, 0.5, -1.0)
+    if device == "cuda":
+        raises(ValueError, "b must be on the same device as a", ops.slerp_merge, a, b.cpu())
+
+
+@pytest.mark.parametrize("device", devices())
+def test_slerp_restore_errors(device):
+    from pyramid_kv import ops
+
+    d = torch.randn(2, 10, 4, 8, device=device)
+    n = torch.rand(2, 10, 4, device=device)
+    raises(ValueError, "direction must be 4-D [B, X, Y, D]", ops.slerp_restore, d[0], n)
+    raises(TypeError, "direction must be float32, float16 or bfloat16", ops.slerp_restore, d.double(), n)
+    raises(ValueError, "direction must be contiguous in its last dimension", ops.slerp_restore,
+           d.transpose(2, 3), n[:, :, :1].expand(2, 10, 8))
+    raises(TypeError, "norm must be float32", ops.slerp_restore, d, n.half())
+    raises(ValueError, "norm must have shape [B, X, Y] = [2, 10, 4]", ops.slerp_restore, d, n[:, :3])
+    raises(TypeError, "out must have the dtype of direction", ops.slerp_restore, d, n,
+           out=torch.empty(2, 10, 4, 8, device=device, dtype=torch.half))
+    raises(ValueError, "out must have the shape of direction", ops.slerp_restore, d, n,
+           out=torch.empty(2, 10, 4, 7, device=device))
+    raises(ValueError, "out must be contiguous in its last dimension", ops.slerp_restore, d, n,
+           out=torch.empty(2, 10, 8, 4, device=device).transpose(2, 3))
+    if device == "cuda":
+        raises(ValueError, "norm must be on the same device as direction", ops.slerp_restore, d, n.cpu())
+        raises(ValueError, "out must be on the same device as direction", ops.slerp_restore, d, n,
+               out=torch.empty(2, 10, 4, 8))

@@ -84,3 +84,50 @@ def test_kernels_run_on_current_stream():
     torch.testing.assert_close(scores, expect, rtol=1e-4, atol=1e-5)
     idx, cnt = ref.select_top_k(expect[:, 0], lengths, 5)
     assert torch.equal(sel.indices, idx) and torch.equal(kept, ref.compact([k_new], idx, cnt)[0])
+
+
+def _merge_cases(device):
+    """(op, args) of slerp_merge / slerp_restore(_out): every dtype, strided views, empty batches."""
+    g = torch.Generator().manual_seed(77)
+    ops = torch.ops.pyramid_kv
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for B, N, H, D in [(2, 9, 3, 64), (1, 1, 1, 8), (2, 0, 2, 16), (1, 5, 2, 3)]:
+            base = torch.randn(2, B, N + 1, H, D, generator=g).to(dtype).to(device)
+            a, b = base[0, :, :N], base[1, :, 1:].transpose(1, 2).contiguous().transpose(1, 2)
+            yield ops.slerp_merge.default, (a, b, 0.5, 1e-6)
+            yield ops.slerp_merge.default, (a.transpose(1, 2), b.transpose(1, 2), 0.0, 1e-6)
+            norm = torch.rand(B, N, H, generator=g).to(device)
+            yield ops.slerp_restore.default, (a, norm)
+            out = torch.empty(B, N + 2, H, D, dtype=dtype, device=device)[:, 1:N + 1]
+            yield ops.slerp_restore_out.default, (b, norm, out)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_merge(device):
+    n = 0
+    for op, args in _merge_cases(device):
+        torch.library.opcheck(op, args)
+        n += 1
+    assert n == 48
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_merge(device):
+    """MiniCache merge, divergence ranking and restore inside one compiled graph."""
+
+    def step(a, b, lengths):
+        direction, na, nb, dist = torch.ops.pyramid_kv.slerp_merge(a, b, 0.5, 1e-6)
+        idx, counts = torch.ops.pyramid_kv.select_top_k(dist.mean(-1), lengths, None, 4, 0, 0, 0, 4)
+        ra = torch.ops.pyramid_kv.slerp_restore(direction, na)
+        rb = torch.empty_like(b)
+        torch.ops.pyramid_kv.slerp_restore_out(direction, nb, rb)
+        return ra + 1, rb, idx, counts
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 30, 2, 64, generator=g).to(device)
+    b = torch.randn(2, 30, 2, 64, generator=g).to(device)
+    lengths = torch.tensor([30, 17], device=device)
+    eager = step(a, b, lengths)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(a, b, lengths)
+    for x, y in zip(eager, compiled):
+        assert torch.equal(x, y)

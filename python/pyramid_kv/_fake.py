@@ -45,3 +45,20 @@ def _compact_out(src: List[Tensor], indices: Tensor, counts: Tensor, out: List[T
 @torch.library.register_fake("pyramid_kv::compact_")
 def _compact_inplace(src: List[Tensor], indices: Tensor, counts: Tensor) -> None:
     return None
+
+
+@torch.library.register_fake("pyramid_kv::slerp_merge")
+def _slerp_merge(a: Tensor, b: Tensor, t: float, eps: float):
+    vec = a.shape[:3]
+    return (a.new_empty(a.shape), a.new_empty(vec, dtype=torch.float32),
+            a.new_empty(vec, dtype=torch.float32), a.new_empty(vec, dtype=torch.float32))
+
+
+@torch.library.register_fake("pyramid_kv::slerp_restore")
+def _slerp_restore(direction: Tensor, norm: Tensor) -> Tensor:
+    return direction.new_empty(direction.shape)
+
+
+@torch.library.register_fake("pyramid_kv::slerp_restore_out")
+def _slerp_restore_out(direction: Tensor, norm: Tensor, out: Tensor) -> None:
+    return None

@@ -260,3 +260,64 @@ def compact_(src: Sequence[Tensor], indices: Tensor, counts: Tensor, *,
         _check_ascending(indices, counts)
     _ops.compact_.default(src, indices, counts)
     return src
+
+
+class Merged(NamedTuple):
+    """A merged pair of layers (see :func:`slerp_merge`)."""
+
+    direction: Tensor
+    norm_a: Tensor
+    norm_b: Tensor
+    distance: Tensor
+
+
+def slerp_merge(a: Tensor, b: Tensor, t: float = 0.5, eps: float = 1e-6) -> Merged:
+    """MiniCache merge of two layers' K (or V): per-vector norms and the SLERP of the directions.
+
+    Parameters
+    ----------
+    a, b : Tensor [B, X, Y, D]
+        The two layers' vectors (e.g. a token-major cache view [B, N, H, D] or [B, H, N, D]),
+        same shape, dtype (float32, float16 or bfloat16) and device; any strides with a
+        contiguous last dim (views such as ``cache[:, :n]`` are read in place).
+    t : float
+        Interpolation weight in [0, 1]: 0 gives a's direction, 1 gives b's, 0.5 the midpoint.
+    eps : float
+        Where sin(angle) < eps (nearly parallel or antiparallel directions) the direction is the
+        normalised lerp ``normalize((1-t) a_hat + t b_hat)`` (0 if that is 0).
+
+    Returns
+    -------
+    Merged(direction [B, X, Y, D] in the input dtype (unit norm, or 0), norm_a, norm_b,
+    distance: float32 [B, X, Y]), all contiguous; distance = angle / pi in [0, 1]. A zero vector
+    takes the other's direction; two zero vectors give direction 0 and distance 0. Restore a
+    layer with :func:`slerp_restore` ``(direction, norm_a)``; keep the most divergent tokens
+    unmerged with ``select_top_k`` / ``compact`` on ``distance``.
+    """
+    t, eps = float(t), float(eps)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    return Merged(*_ops.slerp_merge.default(a, b, t, eps))
+
+
+def slerp_restore(direction: Tensor, norm: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Restore one merged layer: ``norm[..., None] * direction`` (float32 math).
+
+    Parameters
+    ----------
+    direction : Tensor [B, X, Y, D]
+        float32, float16 or bfloat16, any strides with a contiguous last dim.
+    norm : Tensor [B, X, Y], float32
+        Any strides (e.g. ``norm_a`` of :func:`slerp_merge`).
+    out : Tensor [B, X, Y, D], optional
+        Destination (e.g. a view of a cache workspace), direction's dtype and shape, contiguous
+        last dim, any other strides.
+
+    Returns
+    -------
+    Tensor [B, X, Y, D] in direction's dtype (``out`` itself when given).
+    """
+    if out is None:
+        return _ops.slerp_restore.default(direction, norm)
+    _ops.slerp_restore_out.default(direction, norm, out)
+    return out

@@ -138,3 +138,37 @@ def compact_(src: Sequence[Tensor], indices: Tensor, counts: Tensor) -> List[Ten
         live = (torch.arange(w, device=s.device) < cnt[..., None])[..., None]
         s[:, :, :w] = torch.where(live, g[:, :, :w], s[:, :, :w])
     return list(src)
+
+
+def slerp_merge(a: Tensor, b: Tensor, t: float = 0.5, eps: float = 1e-6, *,
+                compute_dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MiniCache merge of a and b [..., D] as in docs/ops.md: acos of the clamped dot product of
+    the unit directions, SLERP where sin(angle) >= eps, normalised lerp otherwise.
+
+    Returns (direction in a's dtype, norm_a, norm_b, distance in float32). ``compute_dtype``
+    float64 is the definition; the benchmarks pass float32 for an eager baseline.
+    """
+    x, y = a.to(compute_dtype), b.to(compute_dtype)
+    na, nb = x.norm(dim=-1), y.norm(dim=-1)
+    zero = torch.zeros((), dtype=compute_dtype, device=a.device)
+    ah = torch.where(na[..., None] > 0, x / na[..., None].clamp(min=torch.finfo(compute_dtype).tiny), zero)
+    bh = torch.where(nb[..., None] > 0, y / nb[..., None].clamp(min=torch.finfo(compute_dtype).tiny), zero)
+    ah, bh = torch.where(na[..., None] > 0, ah, bh), torch.where(nb[..., None] > 0, bh, ah)
+    both_zero = (na == 0) & (nb == 0)
+    omega = (ah * bh).sum(-1).clamp(-1, 1).acos()
+    s = omega.sin()
+    use_slerp = (s >= eps) & (s > 0)
+    safe = torch.where(use_slerp, s, torch.ones((), dtype=compute_dtype, device=a.device))
+    slerp = ((((1 - t) * omega).sin() / safe)[..., None] * ah
+             + ((t * omega).sin() / safe)[..., None] * bh)
+    lerp = (1 - t) * ah + t * bh
+    ln = lerp.norm(dim=-1, keepdim=True)
+    lerp = torch.where(ln > 0, lerp / ln.clamp(min=torch.finfo(compute_dtype).tiny), zero)
+    direction = torch.where(use_slerp[..., None], slerp, lerp)
+    distance = torch.where(both_zero, zero, omega / torch.pi)
+    return (direction.to(a.dtype), na.float(), nb.float(), distance.float())
+
+
+def slerp_restore(direction: Tensor, norm: Tensor) -> Tensor:
+    """norm[..., None] * direction in float64, rounded to direction's dtype."""
+    return (norm.double()[..., None] * direction.double()).to(direction.dtype)
