@@ -171,7 +171,7 @@ def score_windows(model, config: PyramidConfig, ids: Tensor, n: int,
         lp = logits.float().log_softmax(-1)
         target = ids[:, n + t]
         nll -= lp.gather(1, target[:, None]).sum()
-        cached = torch.stack([c.lengths for c in runner.layers]).sum(0)  # [W] tokens over layers
+        cached = runner.held_tokens()  # [W] tokens over slots (sharing readers hold none)
         held += (cached.double() / (L * (n + t))).sum()
         if full_logprobs is not None:
             ref = full_logprobs[t].to(dev)
