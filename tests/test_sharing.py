@@ -205,3 +205,15 @@ def test_calibration_threshold_and_target():
     ref = _final_hidden(pk.Runner(model), ids, lengths)
     got = _final_hidden(pk.Runner(model, pk.preset("full", sharing=plan.to_string())), ids, lengths)
     assert _cosine(got, ref, lengths) >= 0.5
+
+
+@pytest.mark.parametrize("name", ["stories260K", "random-qwen3"])
+def test_q_only_equals_the_full_projection(name):
+    """A reader's queries (q norm for Qwen3, RoPE at given positions) are the layer's own."""
+    model, _ = load(name)
+    a = pk.Runner(model).adapter
+    x = torch.randn(2, 7, a.shape.hidden_size)
+    cos, sin = a.rope(x, torch.tensor([[0, 1, 2, 5, 8, 9, 30]] * 2))
+    layer = a.layers[1]
+    with torch.no_grad():
+        assert torch.equal(a.q_only(layer, x, cos, sin), a.qkv(layer, x, cos, sin)[0])
