@@ -128,6 +128,8 @@ class Runner:
                     h, pos, lens, width = self._drop_tokens(li, h, pos, scores.sum(1), lens, recent, rows, width)
                     exact = False
                 self.layers.append(self.layers[src])  # stores nothing
+                if src not in sources[li + 1:]:  # the slot's last reader: free its prefill K/V
+                    del shared[src]
                 continue
             q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
             if li in sources[li + 1:]:
