@@ -62,3 +62,34 @@ def test_budgets_are_honoured_and_every_method_runs(setup, tmp_path):
     except ImportError:
         return
     assert (tmp_path / "quality_vs_kv.png").stat().st_size > 1000 and (tmp_path / "pyramid.png") in paths
+
+
+def test_sharing_methods_run_budget_matched(setup, tmp_path):
+    """kvsharer and pyramid+kvsharer: plans calibrated on the file's last documents, slots-only
+    fractions equal to the planner's, and the reports list the plans."""
+    from transformers import AutoTokenizer
+
+    model, windows = setup
+    L = model.config.num_hidden_layers
+    calibration = ev.calibration_from_text(AutoTokenizer.from_pretrained(STORIES), TINYSTORIES, 4, 64,
+                                           windows.numel())
+    settings = ev.EvalSettings(N, M, windows=2, batch_size=2, budgets=(1.0, 0.6),
+                               methods=("full",) + ev.SHARING_METHODS, share_threshold=-1.0)
+    rows = ev.evaluate_model(model, windows[:2], settings, progress=False, label="stories260K",
+                             calibration=calibration)
+    assert [r["method"] for r in rows] == ["full", "full", "kvsharer", "kvsharer",
+                                           "pyramid+kvsharer", "pyramid+kvsharer"]
+    for r in rows:
+        assert math.isfinite(r["ppl"])
+        if r["target"] < 1.0 and r["method"] != "full":
+            cfg = ev.PyramidConfig.from_dict(r["config"])
+            assert cfg.sharing_plan(L).readers  # threshold -1: calibration always shares
+            assert r["fraction"] == pytest.approx(plan.mean_fraction(cfg, L, N, M), abs=1e-9)
+            assert r["fraction"] <= 0.6 + 1e-9
+    with pytest.raises(ValueError, match="share"):
+        ev.method_config("kvsharer", 0.5, L, N, M)
+    meta = {"device": "cpu", "torch": torch.__version__,
+            "settings": {"stories260K": {**ev.dataclasses.asdict(settings), "data": str(TINYSTORIES)}}}
+    eval_report.write(rows, meta, tmp_path)
+    assert "| pyramid+kvsharer | 60% |" in (tmp_path / "results.md").read_text()
+    assert "Sharing plans" in (tmp_path / "results.md").read_text()

@@ -21,6 +21,7 @@ from .ops import (Selection, compact, compact_, ensemble_scores, select_top_k,  
 from .config import PRESETS, PyramidConfig, preset  # noqa: E402
 from .generate import GenerationOutput, generate  # noqa: E402
 from .runner import Runner  # noqa: E402
+from .sharing import SharingPlan, calibrate_kvsharer  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -29,9 +30,11 @@ __all__ = [
     "PyramidConfig",
     "Runner",
     "Selection",
+    "SharingPlan",
     "compact",
     "compact_",
     "ensemble_scores",
+    "calibrate_kvsharer",
     "generate",
     "preset",
     "select_top_k",

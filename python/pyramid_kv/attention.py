@@ -42,6 +42,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     return _sdpa(q, k, v, is_causal=True, scale=scale), None
 
 
+def shared_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_lens: Tensor, k_pos: Tensor,
+                     k_lens: Tensor, scale: float) -> Tensor:
+    """Attention of a cross-layer reader's queries q [B, Hq, n, D] over its slot's keys/values
+    [B, Hkv, N, D] when the reader holds a subset of the slot's tokens (PyramidInfer dropped some
+    in between): a query at original position p sees the valid keys at positions <= p.
+
+    Padding query rows (past q_lens) see only key 0: a fully masked row would give NaN, which
+    would poison later layers through masked-out (0 * NaN) products. Valid rows always see at
+    least their own token, which the slot holds.
+    """
+    n, N = q.shape[2], k.shape[2]
+    see = (k_pos[:, None, :] <= q_pos[:, :, None]) & (torch.arange(N, device=k.device) < k_lens[:, None])[:, None]
+    pad_row = torch.arange(n, device=q.device)[None, :, None] >= q_lens[:, None, None]
+    see = see | (pad_row & (torch.arange(N, device=k.device) == 0))
+    return _sdpa(q, k, v, attn_mask=see[:, None], scale=scale)
+
+
 _varlen_ok = True  # set False once the flash varlen op refuses our arguments
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -140,15 +140,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def cache_stats(layers: List[LayerCache], full_tokens: Tensor, prefill_tokens: List[int]) -> CacheStats:
-    """Accounting of `layers` (one host synchronisation). full_tokens [B]: prompt + generated."""
+def cache_stats(layers: List[LayerCache], full_tokens: Tensor, prefill_tokens: List[int],
+                sources: Optional[Sequence[int]] = None) -> CacheStats:
+    """Accounting of `layers` (one host synchronisation). full_tokens [B]: prompt + generated.
+
+    sources: the sharing plan (layer i reads layer sources[i]'s cache, layers[i] aliasing it);
+    readers report their slot's tokens but hold 0 bytes, so the bytes count each slot once."""
     lengths = torch.stack([c.lengths for c in layers]).cpu()  # [L, B]
     B = lengths.shape[1]
+    owns = [sources is None or sources[i] == i for i in range(len(layers))]
     k = layers[0].k
     per_row = 2 * k.shape[1] * k.shape[3] * k.element_size()  # K and V of one token
     return CacheStats(
         layer_tokens=(lengths.double().sum(1) / max(B, 1)).tolist(),
-        layer_bytes=[int(n) * per_row for n in lengths.sum(1).tolist()],
-        layer_allocated=[c.k.numel() * c.k.element_size() * 2 for c in layers],
+        layer_bytes=[int(n) * per_row if o else 0 for n, o in zip(lengths.sum(1).tolist(), owns)],
+        layer_allocated=[c.k.numel() * c.k.element_size() * 2 if o else 0 for c, o in zip(layers, owns)],
         full_bytes_per_layer=int(full_tokens.sum()) * per_row,
         prefill_tokens=list(prefill_tokens))

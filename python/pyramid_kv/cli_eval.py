@@ -21,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--budgets", default="1.0,0.75,0.6,0.45,0.3")
-    p.add_argument("--methods", default="full,pyramid-count,pyramid-mass,streaming,h2o,snapkv")
+    p.add_argument("--methods", default="full,pyramid-count,pyramid-mass,streaming,h2o,snapkv,"
+                   "kvsharer,pyramid+kvsharer")
+    p.add_argument("--calib-sentences", type=int, default=8, help="KVSharer calibration documents, "
+                   "taken from the end of the data file (apart from the evaluation windows)")
+    p.add_argument("--share-threshold", type=float, default=0.9,
+                   help="KVSharer: least cosine similarity of the final hidden states to the full model's")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), or a torch dtype")
     p.add_argument("--out", type=Path, default=Path("eval_results"))
@@ -50,14 +55,20 @@ def run(args: argparse.Namespace) -> int:
         s = ev.default_settings(model.config.max_position_embeddings, windows=args.windows,
                                 batch_size=args.batch_size,
                                 budgets=tuple(float(x) for x in args.budgets.split(",")),
-                                methods=tuple(args.methods.split(",")))
+                                methods=tuple(args.methods.split(",")),
+                                share_threshold=args.share_threshold)
         if args.prompt_len:
             s = ev.dataclasses.replace(s, prompt_len=args.prompt_len)
         if args.new_tokens:
             s = ev.dataclasses.replace(s, new_tokens=args.new_tokens)
         windows = ev.windows_from_text(tok, data, s.prompt_len, s.new_tokens, s.windows)
+        calibration = None
+        if set(s.methods) & set(ev.SHARING_METHODS):
+            calibration = ev.calibration_from_text(tok, data, args.calib_sentences, s.prompt_len,
+                                                   windows.numel())
         settings[name] = {**ev.dataclasses.asdict(s), "data": str(data)}
-        rows += ev.evaluate_model(model, windows, s, progress=not args.quiet, label=name)
+        rows += ev.evaluate_model(model, windows, s, progress=not args.quiet, label=name,
+                                  calibration=calibration)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "settings": settings}
     for p in eval_report.write(rows, meta, args.out):

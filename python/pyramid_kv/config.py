@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
+from .sharing import SharingPlan
+
 SCHEDULES = ("cosine", "power", "linear", "constant", "list")
 SELECTIONS = ("count", "mass")
 WEIGHTINGS = ("uniform", "linear")
@@ -81,6 +83,9 @@ class PyramidConfig:
     # (pooled scores of the last decode_recent prompt queries; prompt only, decode keeps all)
     kv_budget: Optional[Union[int, List[int]]] = None
     budget_policy: str = "pyramid"
+    # ---- cross-layer KV sharing: an LCKV-style plan ("0_0_2_2": layer 1 reads layer 0's K/V,
+    # layer 3 layer 2's; see pyramid_kv.sharing), or None for every layer owning its K/V
+    sharing: Optional[str] = None
     name: str = "custom"
 
     # ------------------------------------------------------------------ validation
@@ -118,6 +123,8 @@ class PyramidConfig:
         for i, b in enumerate(budgets):
             if b is not None:
                 _count(f"kv_budget[{i}]" if isinstance(self.kv_budget, list) else "kv_budget", b, 1)
+        if self.sharing is not None:
+            SharingPlan.parse(self.sharing)
         return self
 
     # ------------------------------------------------------------------ per-layer plan
@@ -129,6 +136,13 @@ class PyramidConfig:
                 raise ValueError(f"{name} has {len(v)} entries but the model has {num_layers} layers")
         if self.first_layer >= num_layers and self.enabled:
             raise ValueError(f"first_layer ({self.first_layer}) must be < the model's {num_layers} layers")
+        self.sharing_plan(num_layers)
+
+    def sharing_plan(self, num_layers: int) -> SharingPlan:
+        """The validated sharing plan for a pretrained model of num_layers (identity without one)."""
+        if self.sharing is None:
+            return SharingPlan.identity(num_layers)
+        return SharingPlan.parse(self.sharing).validate(num_layers, pretrained=True)
 
     def compresses(self, layer: int, num_layers: int) -> bool:
         """Whether prefill selects tokens after `layer` (never after the last layer)."""

@@ -37,7 +37,8 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
              "teacher-forced through decode steps on the compressed cache. `KV held` is the "
              "fraction of a full cache held, averaged over the m steps; `target` the budget the "
              "method was sized for; `(min)` marks a budget below the least the method can hold "
-             "on that model and length (its smallest setting is used).", ""]
+             "on that model and length (its smallest setting is used). Cross-layer sharing methods "
+             "(kvsharer, pyramid+kvsharer) hold K/V in slots only: readers count 0 bytes.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         s = meta["settings"][model]
         full = next(r["full_ppl"] for r in rows if r["model"] == model)
@@ -53,6 +54,11 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
                     held += " (min)"  # the method cannot go below this here
                 lines.append(f"| {r['method']} | {r['target']:.0%} | {held} | {r['ppl']:.4f} | "
                              f"{100 * (r['ppl_ratio'] - 1):+.2f}% | {r['agreement']:.3f} | {r['kl']:.4f} |")
+        shared = [r for r in rows if r["model"] == model and (r.get("config") or {}).get("sharing")]
+        if shared:
+            lines += ["", "Sharing plans (layer i reads layer sources[i]'s K/V; KVSharer, calibrated on "
+                      "sentences apart from the windows):", ""]
+            lines += [f"- {r['method']} @ {r['target']:.0%}: `{r['config']['sharing']}`" for r in shared]
         lines += ["", "Claim check (budgets <= 50%):", ""] + (verdicts(rows, model) or ["- (no budget <= 50%)"]) + [""]
     return "\n".join(lines)
 

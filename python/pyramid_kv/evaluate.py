@@ -5,24 +5,36 @@ then scores the next m tokens teacher-forced through decode steps on its compres
 (decode compression active). Methods are compared at matched KV budgets: the fraction of a full
 cache they hold, averaged over the m steps. Every method runs on the same ops (ensemble scores,
 segmented selection, compaction); they differ in their scores and windows.
+
+Cross-layer sharing methods ("kvsharer", "pyramid+kvsharer") hold K/V in slots only; their
+KVSharer plans are calibrated on sentences from the END of the data file, never on the
+evaluation windows (which come from its start).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import plan
-from .config import PyramidConfig, preset
+from .config import PRESETS, PyramidConfig, preset
+from .generate import batch_prompts
 from .runner import Runner
+from .sharing import SharingPlan, calibrate_kvsharer
 
 METHODS = ("full", "pyramid-count", "pyramid-mass", "streaming", "h2o", "snapkv")
+# Cross-layer sharing: they need calibration sentences (evaluate_model's `calibration`).
+SHARING_METHODS = ("kvsharer", "pyramid+kvsharer")
+# "pyramid+kvsharer" fixes its sharing part at this fraction (KVSharer's reported ~25-30% saving)
+# and sizes the pyramid part to the rest of the budget.
+SHARE_FRACTION = 0.75
 BUDGETS = (1.0, 0.75, 0.6, 0.45, 0.3)
 # The text each model in ../shared/models is evaluated on (its README); others use WikiText-2.
 DATA = {"stories260K": "tinystories/tinystories_val_head.txt",
@@ -39,6 +51,7 @@ class EvalSettings:
     batch_size: int = 8
     budgets: Sequence[float] = BUDGETS
     methods: Sequence[str] = METHODS
+    share_threshold: float = 0.9        # KVSharer: least cosine of the final hidden states
 
 
 def default_settings(context: int, **changes) -> EvalSettings:
@@ -49,11 +62,30 @@ def default_settings(context: int, **changes) -> EvalSettings:
 
 
 # ---------------------------------------------------------------------- data
+def _documents(path: Path) -> List[str]:
+    text = Path(path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    return [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
+
+
+def calibration_from_text(tokenizer, path: Path, count: int, max_len: int,
+                          after_tokens: int) -> Tuple[Tensor, Tensor]:
+    """`count` calibration sequences (ids [count, <= max_len], lengths) from the LAST documents of
+    a file, checked to lie after the first `after_tokens` tokens (the evaluation windows)."""
+    docs = _documents(path)
+    rows = [tokenizer(d).input_ids[:max_len] for d in docs[::-1][:count]]
+    before = 0
+    for d in docs[: len(docs) - count]:
+        before += len(tokenizer(d).input_ids)
+        if before >= after_tokens:
+            return batch_prompts(rows)
+    raise ValueError(f"{path} is too short to keep {count} calibration documents apart from "
+                     f"{after_tokens} evaluation tokens")
+
+
 def windows_from_text(tokenizer, path: Path, n: int, m: int, count: int) -> Tensor:
     """`count` consecutive windows of n + m tokens from a text file whose documents are joined
     by <|endoftext|> (each document tokenised on its own, with the tokenizer's BOS)."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-    docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
+    docs = _documents(path)
     need = count * (n + m)
     stream: List[int] = []
     for d in docs:
@@ -101,14 +133,28 @@ def _bisect(fraction: Callable[[float], float], target: float, lo: float, hi: fl
 
 
 def method_config(method: str, target: float, num_layers: int, n: int, m: int,
-                  measure: Optional[Callable[[PyramidConfig], float]] = None) -> PyramidConfig:
+                  measure: Optional[Callable[[PyramidConfig], float]] = None,
+                  share: Optional[Callable[[float], SharingPlan]] = None) -> PyramidConfig:
     """The method's configuration holding about `target` of a full cache over the m steps.
 
     Count-based methods are sized exactly with pyramid_kv.plan; top-p ("pyramid-mass") keeps a
     data-dependent count, so it is calibrated with `measure` (a run on the first windows).
+    Sharing methods take `share(fraction)`: a KVSharer plan calibrated to hold that fraction
+    (or more, when its cosine threshold stops it earlier).
     """
     if method == "full" or target >= 1.0:
         return preset("full")
+    if method in SHARING_METHODS:
+        if share is None:
+            raise ValueError(f"{method} needs share() (calibration sentences) to build its plan")
+        if method == "kvsharer":
+            return PRESETS["full"].replace(sharing=share(target).to_string(), name="kvsharer")
+        # Fix the sharing part, then size the pyramid to the rest of the budget (planned exactly:
+        # sharing changes no count, it only stops readers from holding any).
+        sharing = share(max(target, SHARE_FRACTION)).to_string()
+        s = _bisect(lambda s: plan.mean_fraction(pyramid_family(s, "count", num_layers).replace(sharing=sharing),
+                                                 num_layers, n, m), target, 0.0, 1.0, 20)
+        return pyramid_family(s, "count", num_layers).replace(sharing=sharing, name="pyramid+kvsharer")
     if method == "pyramid-count":
         s = _bisect(lambda s: plan.mean_fraction(pyramid_family(s, "count", num_layers), num_layers, n, m),
                     target, 0.0, 1.0, 20)
@@ -171,7 +217,7 @@ def score_windows(model, config: PyramidConfig, ids: Tensor, n: int,
         lp = logits.float().log_softmax(-1)
         target = ids[:, n + t]
         nll -= lp.gather(1, target[:, None]).sum()
-        cached = torch.stack([c.lengths for c in runner.layers]).sum(0)  # [W] tokens over layers
+        cached = runner.held_tokens()  # [W] tokens over slots (sharing readers hold none)
         held += (cached.double() / (L * (n + t))).sum()
         if full_logprobs is not None:
             ref = full_logprobs[t].to(dev)
@@ -187,8 +233,11 @@ def score_windows(model, config: PyramidConfig, ids: Tensor, n: int,
 
 
 def evaluate_model(model, windows: Tensor, settings: EvalSettings, progress: bool = True,
-                   label: str = "") -> List[Dict]:
-    """Every method at every budget on `windows` [count, n + m]; one result dict each."""
+                   label: str = "", calibration: Optional[Tuple[Tensor, Tensor]] = None) -> List[Dict]:
+    """Every method at every budget on `windows` [count, n + m]; one result dict each.
+
+    calibration: (ids, lengths) of KVSharer's calibration sentences, needed by SHARING_METHODS;
+    keep them apart from the windows (see calibration_from_text)."""
     n, m = settings.prompt_len, settings.new_tokens
     L = model.config.num_hidden_layers
     batches = list(windows.split(settings.batch_size))
@@ -208,16 +257,23 @@ def evaluate_model(model, windows: Tensor, settings: EvalSettings, progress: boo
             measured[key] = score_windows(model, cfg, batches[0], n)[0].as_dict()["fraction"]
         return measured[key]
 
+    share = None
+    if calibration is not None:
+        @functools.lru_cache(maxsize=None)
+        def share(fraction: float) -> SharingPlan:
+            return calibrate_kvsharer(model, *calibration, target_fraction=fraction,
+                                      threshold=settings.share_threshold)
+
     def smallest(method: str) -> float:
         """The least a method can hold here (its smallest setting): budgets below are unreachable."""
-        cfg = method_config(method, 0.0, L, n, m, measure)
+        cfg = method_config(method, 0.0, L, n, m, measure, share)
         return measure(cfg) if method == "pyramid-mass" else plan.mean_fraction(cfg, L, n, m)
 
     runs = [(mth, x) for mth in settings.methods for x in settings.budgets]
     bar = _progress(runs, f"eval {label}".strip(), progress)
     results = []
     for method, target in bar:
-        cfg = method_config(method, target, L, n, m, measure)
+        cfg = method_config(method, target, L, n, m, measure, share)
         total, layer_tokens = Scores(), None
         for b, lp in zip(batches, full_lp):
             s, _, layer_tokens = score_windows(model, cfg, b, n, full_logprobs=lp)

@@ -89,6 +89,18 @@ class ModelAdapter:
         q, k = self._apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v.transpose(1, 2)
 
+    def q_only(self, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Queries [B, Hq, n, D] of normed hidden states x, for a layer that reads another
+        layer's K/V (cross-layer sharing): its k_proj and v_proj are never run."""
+        attn = layer.self_attn
+        B, n, _ = x.shape
+        q = attn.q_proj(x).view(B, n, -1, self.shape.head_dim)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)
+        # The model's RoPE function rotates q and k together; an empty k costs nothing.
+        return self._apply_rope(q, q[:, :0], cos, sin)[0]
+
     @staticmethod
     def scale(layer: nn.Module) -> float:
         return float(layer.self_attn.scaling)

@@ -67,13 +67,20 @@ def cache_history(config: PyramidConfig, num_layers: int, n: int, new_tokens: in
     return [list(step) for step in zip(*history)]
 
 
+def held(config: PyramidConfig, num_layers: int, lengths: List[int]) -> int:
+    """Tokens held over the layers' lengths: with cross-layer sharing only slots hold K/V (a
+    sharing plan changes no count: each slot follows its owner's schedule, readers store none)."""
+    slots = config.sharing_plan(num_layers).slots
+    return sum(lengths[i] for i in slots)
+
+
 def kv_fraction(config: PyramidConfig, num_layers: int, n: int, new_tokens: int) -> float:
     """Cache held after generation over a full cache's, for one sequence."""
     full = num_layers * (n + max(new_tokens - 1, 0))
-    return sum(cache_lengths(config, num_layers, n, new_tokens)) / full
+    return held(config, num_layers, cache_lengths(config, num_layers, n, new_tokens)) / full
 
 
 def mean_fraction(config: PyramidConfig, num_layers: int, n: int, new_tokens: int) -> float:
     """The held fraction averaged over the steps that predict each of new_tokens tokens."""
     steps = cache_history(config, num_layers, n, new_tokens)
-    return sum(sum(s) / (num_layers * (n + t)) for t, s in enumerate(steps)) / len(steps)
+    return sum(held(config, num_layers, s) / (num_layers * (n + t)) for t, s in enumerate(steps)) / len(steps)

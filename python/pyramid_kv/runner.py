@@ -15,6 +15,13 @@ PyramidInfer's recent-query ensemble ("pyramid"), H2O's accumulated attention ("
 StreamingLLM's sinks + recent window ("streaming") or SnapKV's pooled prompt-window scores
 ("snapkv", prefill only). All of them use the same selection and compaction ops.
 
+Cross-layer sharing (config.sharing, pyramid_kv.sharing): reader layers compute queries only
+and attend to their source slot's K/V; only slots are cached, compressed and counted. A slot is
+compressed by its owner's own schedule: the owner is the lowest layer of its group, and the
+pyramid keeps more in shallower layers, so a slot keeps at least what its deepest reader's level
+would keep. With token dropping between a slot and its reader, the reader's tokens are a subset
+of the slot's, and its prefill attention masks on original positions (key <= query).
+
 Batches are ragged and left-aligned: sequence b holds rows [0, lengths[b]) of every buffer.
 Per-sequence values stay on the device; only upper bounds (buffer widths) live on the host, so
 decode steps never synchronise. The one exception is mass (top-p) selection in prefill, whose
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .attention import causal_attention, decode_attention
+from .attention import causal_attention, decode_attention, shared_attention
 from .cache import CacheStats, LayerCache, cache_stats
 from .config import PRESETS, PyramidConfig
 from .model import ModelAdapter
@@ -54,6 +61,7 @@ class Runner:
         self.config = (config if config is not None else PRESETS["full"]).validate()
         L = self.adapter.shape.num_layers
         cfg = self.config
+        self.sharing = cfg.sharing_plan(L)
         self.keep = cfg.layer_keep(L)
         self.decode_keep = cfg.decode_keep_ratios(L)
         self.budgets = cfg.budgets(L)
@@ -62,8 +70,10 @@ class Runner:
             if b is not None and b < least:
                 raise ValueError(f"kv_budget for layer {i} ({b}) must be at least decode_recent + "
                                  f"decode_chunk + sinks + 1 = {least}")
+        # One entry per layer; a reader's entry IS its source slot's LayerCache (an alias).
         self.layers: List[LayerCache] = []
         self._prefill_lengths: List[Tensor] = []
+        self.hidden: Optional[Tensor] = None  # last prefill's final hidden states [B, width, C]
 
     @property
     def compress_decode(self) -> bool:
@@ -93,12 +103,37 @@ class Runner:
         self.prompt_lengths = lens.clone()
         self.next_pos = lens.clone()
         self.generated = 0
+        sources = self.sharing.sources
+        shared = {}  # slot -> its prefill (k, v, positions, lengths), while readers need them
         for li, layer in enumerate(a.layers):
             self._prefill_lengths.append(lens)
             scale = a.scale(layer)
             cos, sin = a.rope(h, pos)
-            q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
             compress = cfg.compresses(li, L)
+            src = sources[li]
+            if src != li:  # a reader: queries only, over its slot's K/V
+                q = a.q_only(layer, layer.input_layernorm(h), cos, sin)
+                k, v, kpos, klens = shared[src]
+                if not any(cfg.compresses(j, L) for j in range(src, li)):  # the slot's very tokens
+                    o, lse = causal_attention(q, k, v, scale, want_lse=compress)
+                else:
+                    o, lse = shared_attention(q, k, v, pos, lens, kpos, klens, scale), None
+                    if compress:  # score the reader's own tokens: the slot's keys at them
+                        k = _rows_at(k, kpos, klens, pos)
+                h = a.mlp_block(layer, h + a.attn_out(layer, o))
+                if compress:
+                    recent = recent_lengths(lens, cfg.recent_ratio)
+                    rows = recent_bound(width, cfg.recent_ratio)
+                    scores = self._recent_scores(q, k, lens, recent, rows, lse, scale)
+                    h, pos, lens, width = self._drop_tokens(li, h, pos, scores.sum(1), lens, recent, rows, width)
+                    exact = False
+                self.layers.append(self.layers[src])  # stores nothing
+                if src not in sources[li + 1:]:  # the slot's last reader: free its prefill K/V
+                    del shared[src]
+                continue
+            q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
+            if li in sources[li + 1:]:
+                shared[li] = (k, v, pos, lens)
             budget = self.budgets[li]
             trim = budget is not None and width > budget
             o, lse = causal_attention(q, k, v, scale, want_lse=compress or (trim and self.policy == "pyramid"))
@@ -123,6 +158,7 @@ class Runner:
             if compress:
                 h, pos, lens, width = self._drop_tokens(li, h, pos, scores.sum(1), lens, recent, rows, width)
                 exact = False
+        self.hidden = h
         last = h[torch.arange(B, device=dev), lens - 1]
         return a.logits(last)
 
@@ -230,14 +266,16 @@ class Runner:
         runs eagerly; the step itself has fixed shapes and, on CUDA, is captured once as a CUDA
         graph and replayed (see `cuda_graphs`)."""
         cfg = self.config
-        for li, c in enumerate(self.layers):
+        for li in self.sharing.slots:  # readers alias their slot: maintain each slot once
+            c = self.layers[li]
             budget = self.budgets[li]
             if budget is not None and self.policy != "snapkv" and c.bound + 1 > budget:
                 self._enforce_budget(c, budget, self.adapter.scale(self.adapter.layers[li]))
             c.advance()
         logits = self._replay(tokens) if self._graphable() else self._step(tokens.to(self.adapter.device), graph=False)
         if self.compress_decode:
-            for li, c in enumerate(self.layers):
+            for li in self.sharing.slots:
+                c = self.layers[li]
                 if c.unprocessed >= cfg.decode_recent + cfg.decode_chunk:
                     self._compress_chunk(li, c, self.adapter.scale(self.adapter.layers[li]))
         self.generated += 1
@@ -253,10 +291,14 @@ class Runner:
             c = self.layers[li]
             scale = a.scale(layer)
             width = c.capacity if graph else c.bound
-            q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
-            c.write(k, v, q, self.next_pos)
+            owner = self.sharing.sources[li] == li
+            if owner:
+                q, k, v = a.qkv(layer, layer.input_layernorm(h), cos, sin)
+                c.write(k, v, q, self.next_pos)
+            else:  # a reader: the slot, written by its lower owner this step, already holds the token
+                q = a.q_only(layer, layer.input_layernorm(h), cos, sin)
             o = decode_attention(q, c, scale, width)
-            if c.accumulated is not None:  # H2O: add this query's attention to every key
+            if c.accumulated is not None and owner:  # H2O: add this query's attention to every key
                 c.accumulated[:, :, :width, 0] += ops.ensemble_scores(
                     q, c.keys(width), c.lengths, scale=scale, validate=False)
             h = a.mlp_block(layer, h + a.attn_out(layer, o))
@@ -365,4 +407,18 @@ class Runner:
         """Memory of the current caches against a full cache (one host synchronisation)."""
         full = self.prompt_lengths + self.generated
         prefill = torch.stack(self._prefill_lengths).sum(1).tolist()
-        return cache_stats(self.layers, full, [int(x) for x in prefill])
+        return cache_stats(self.layers, full, [int(x) for x in prefill], self.sharing.sources)
+
+    def held_tokens(self) -> Tensor:
+        """[B] tokens held per sequence over all slots (readers hold none); no synchronisation."""
+        return torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0)
+
+
+def _rows_at(x: Tensor, x_pos: Tensor, x_lens: Tensor, pos: Tensor) -> Tensor:
+    """Rows of x [B, H, N, D] (original positions x_pos [B, N], valid below x_lens) at the
+    positions pos [B, n], which every valid row of pos holds (dropping keeps a subset, in order)."""
+    valid = torch.arange(x_pos.shape[1], device=x_pos.device)[None] < x_lens[:, None]
+    sorted_pos = torch.where(valid, x_pos, torch.iinfo(x_pos.dtype).max)  # padding sorts last
+    idx = torch.searchsorted(sorted_pos.contiguous(), pos.contiguous()).clamp(max=x_pos.shape[1] - 1)
+    B, H, _, D = x.shape
+    return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
