@@ -29,7 +29,11 @@ from .generate import batch_prompts
 from .runner import Runner
 from .sharing import SharingPlan, calibrate_kvsharer
 
-METHODS = ("full", "pyramid-count", "pyramid-mass", "streaming", "h2o", "snapkv")
+METHODS = ("full", "pyramid-count", "pyramid-mass", "pyramid-evict", "streaming", "h2o", "snapkv")
+# Cache-eviction methods: every layer computes on all prompt tokens, its cache is trimmed to a
+# budget. "pyramid-evict" is the ablation of PyramidInfer's token dropping: the same recent-query
+# votes, used only to evict (budget_policy "pyramid").
+EVICTION_POLICIES = {"pyramid-evict": "pyramid", "streaming": "streaming", "h2o": "h2o", "snapkv": "snapkv"}
 # Cross-layer sharing: they need calibration sentences (evaluate_model's `calibration`).
 SHARING_METHODS = ("kvsharer", "pyramid+kvsharer")
 # "pyramid+kvsharer" fixes its sharing part at this fraction (KVSharer's reported ~25-30% saving)
@@ -111,12 +115,13 @@ def pyramid_family(s: float, selection: str, num_layers: int) -> PyramidConfig:
                          name=f"pyramid-{selection}").validate()
 
 
-def budget_config(policy: str, budget: int) -> PyramidConfig:
-    """A cache-eviction baseline holding at most `budget` tokens per layer."""
+def budget_config(method: str, budget: int) -> PyramidConfig:
+    """A cache-eviction method (EVICTION_POLICIES) holding at most `budget` tokens per layer."""
+    policy = EVICTION_POLICIES[method]
     window = 32 if policy == "snapkv" else 16  # SnapKV's observation window
     return PyramidConfig(enabled=False, decode=False, kv_budget=budget, budget_policy=policy,
                          decode_chunk=1, decode_recent=window, sinks=4, per_head=True,
-                         name=policy).validate()
+                         name=method).validate()
 
 
 def _bisect(fraction: Callable[[float], float], target: float, lo: float, hi: float,
@@ -164,7 +169,7 @@ def method_config(method: str, target: float, num_layers: int, n: int, m: int,
             raise ValueError("pyramid-mass needs a measure() to calibrate its budget")
         s = _bisect(lambda s: measure(pyramid_family(s, "mass", num_layers)), target, 0.0, 1.0, 8)
         return pyramid_family(s, "mass", num_layers)
-    if method in ("streaming", "h2o", "snapkv"):
+    if method in EVICTION_POLICIES:
         least = budget_config(method, 10**6).decode_recent + 1 + 4 + 1
         b = _bisect(lambda b: plan.mean_fraction(budget_config(method, int(b)), num_layers, n, m),
                     target, least, n + m, 40, integer=True)
