@@ -91,6 +91,7 @@ class CacheStats:
     layer_allocated: List[int]       # bytes of the buffers, per layer
     full_bytes_per_layer: int        # bytes a full cache of the same tokens holds in one layer
     prefill_tokens: List[int] = field(default_factory=list)  # tokens each layer computed in prefill
+    workspace_bytes: int = 0         # merged layers' shared restore buffer (allocated, not held)
 
     @property
     def occupied_bytes(self) -> int:
@@ -98,7 +99,7 @@ class CacheStats:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(self.layer_allocated)
+        return sum(self.layer_allocated) + self.workspace_bytes
 
     @property
     def full_bytes(self) -> int:
@@ -118,7 +119,7 @@ class CacheStats:
                 "layer_allocated": self.layer_allocated, "occupied_bytes": self.occupied_bytes,
                 "allocated_bytes": self.allocated_bytes, "full_bytes": self.full_bytes,
                 "fraction": self.fraction, "allocated_fraction": self.allocated_fraction,
-                "prefill_tokens": self.prefill_tokens}
+                "prefill_tokens": self.prefill_tokens, "workspace_bytes": self.workspace_bytes}
 
     def summary(self) -> str:
         lines = ["layer  tokens/seq  (pyramid)"]
@@ -128,7 +129,8 @@ class CacheStats:
         lines.append(f"KV cache: {human_bytes(self.occupied_bytes)} held ({100 * self.fraction:.1f}% of "
                      f"a full cache's {human_bytes(self.full_bytes)}; saved "
                      f"{human_bytes(self.full_bytes - self.occupied_bytes)}), "
-                     f"{human_bytes(self.allocated_bytes)} allocated")
+                     f"{human_bytes(self.allocated_bytes)} allocated"
+                     + (f" (merge workspace {human_bytes(self.workspace_bytes)})" if self.workspace_bytes else ""))
         return "\n".join(lines)
 
 

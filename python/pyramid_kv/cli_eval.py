@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--budgets", default="1.0,0.75,0.6,0.45,0.3")
     p.add_argument("--methods", default="full,pyramid-count,pyramid-mass,pyramid-evict,streaming,h2o,snapkv,"
-                   "kvsharer,pyramid+kvsharer")
+                   "kvsharer,pyramid+kvsharer,minicache,pyramid+minicache")
     p.add_argument("--calib-sentences", type=int, default=8, help="KVSharer calibration documents, "
                    "taken from the end of the data file (apart from the evaluation windows)")
     p.add_argument("--share-threshold", type=float, default=0.9,

@@ -19,6 +19,7 @@ SCHEDULES = ("cosine", "power", "linear", "constant", "list")
 SELECTIONS = ("count", "mass")
 WEIGHTINGS = ("uniform", "linear")
 POLICIES = ("pyramid", "h2o", "streaming", "snapkv")
+MERGE_DEFAULTS: Dict[str, Any] = {"start": None, "t": 0.5, "retain": 0.05}
 
 
 def _ratio(name: str, value: float, *, zero_ok: bool = False) -> None:
@@ -86,6 +87,11 @@ class PyramidConfig:
     # ---- cross-layer KV sharing: an LCKV-style plan ("0_0_2_2": layer 1 reads layer 0's K/V,
     # layer 3 layer 2's; see pyramid_kv.sharing), or None for every layer owning its K/V
     sharing: Optional[str] = None
+    # ---- MiniCache cross-layer merging (pyramid_kv.merging): None, or a dict with any of
+    # "start" (first merged layer, default half depth), "t" (SLERP weight, 0.5) and "retain"
+    # (fraction of each (sequence, KV head)'s tokens kept unmerged, the most divergent, 0.05).
+    # Layers (start, start+1), (start+2, start+3), ... are merged pairs.
+    merge: Optional[Dict[str, float]] = None
     name: str = "custom"
 
     # ------------------------------------------------------------------ validation
@@ -125,7 +131,36 @@ class PyramidConfig:
                 _count(f"kv_budget[{i}]" if isinstance(self.kv_budget, list) else "kv_budget", b, 1)
         if self.sharing is not None:
             SharingPlan.parse(self.sharing)
+        if self.merge is not None:
+            self._validate_merge()
         return self
+
+    def _validate_merge(self) -> None:
+        m = self.merge
+        if not isinstance(m, dict):
+            raise ValueError(f"merge must be None or a dict with keys {sorted(MERGE_DEFAULTS)}, got {m!r}")
+        unknown = set(m) - set(MERGE_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown merge keys {sorted(unknown)}; known: {sorted(MERGE_DEFAULTS)}")
+        if m.get("start") is not None:
+            _count("merge['start']", m["start"])
+        _ratio("merge['t']", m.get("t", MERGE_DEFAULTS["t"]), zero_ok=True)
+        _ratio("merge['retain']", m.get("retain", MERGE_DEFAULTS["retain"]), zero_ok=True)
+        if self.kv_budget is not None:
+            raise ValueError("merge cannot be combined with kv_budget (merged pairs are not evicted)")
+
+    def merge_option(self, key: str):
+        """A merge setting (its default when absent); only meaningful with merge set."""
+        value = (self.merge or {}).get(key)
+        return MERGE_DEFAULTS[key] if value is None else value
+
+    def merged_pairs(self, num_layers: int) -> List[tuple]:
+        """The merged layer pairs (l, l + 1) of a num_layers model (none without merge)."""
+        if self.merge is None:
+            return []
+        start = self.merge_option("start")
+        start = num_layers // 2 if start is None else start
+        return [(l, l + 1) for l in range(start, num_layers - 1, 2)]
 
     # ------------------------------------------------------------------ per-layer plan
     def check_layers(self, num_layers: int) -> None:
@@ -136,7 +171,17 @@ class PyramidConfig:
                 raise ValueError(f"{name} has {len(v)} entries but the model has {num_layers} layers")
         if self.first_layer >= num_layers and self.enabled:
             raise ValueError(f"first_layer ({self.first_layer}) must be < the model's {num_layers} layers")
-        self.sharing_plan(num_layers)
+        plan = self.sharing_plan(num_layers)
+        if self.merge is not None:
+            pairs = self.merged_pairs(num_layers)
+            if not pairs:
+                raise ValueError(f"merge['start'] ({self.merge_option('start')}) leaves no pair of "
+                                 f"adjacent layers in the model's {num_layers} layers")
+            shared = set(plan.readers) | {plan.sources[r] for r in plan.readers}
+            for pair in pairs:
+                if shared & set(pair):
+                    raise ValueError(f"merged pair {pair} takes part in the sharing plan "
+                                     f"{plan.to_string()!r}: merged layers must own unshared slots")
 
     def sharing_plan(self, num_layers: int) -> SharingPlan:
         """The validated sharing plan for a pretrained model of num_layers (identity without one)."""
@@ -145,9 +190,11 @@ class PyramidConfig:
         return SharingPlan.parse(self.sharing).validate(num_layers, pretrained=True)
 
     def compresses(self, layer: int, num_layers: int) -> bool:
-        """Whether prefill selects tokens after `layer` (never after the last layer)."""
+        """Whether prefill selects tokens after `layer` (never after the last layer, nor between
+        the two layers of a merged pair: both must hold the same tokens)."""
         return (self.enabled and layer < num_layers - 1 and layer >= self.first_layer
-                and (layer - self.first_layer) % self.interval == 0)
+                and (layer - self.first_layer) % self.interval == 0
+                and all(layer != a for a, _ in self.merged_pairs(num_layers)))  # pairs hold the same tokens
 
     def layer_keep(self, num_layers: int) -> List[float]:
         """Keep ratio (count) or mass (mass) of the context at each layer."""

@@ -38,9 +38,11 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
              "fraction of a full cache held, averaged over the m steps; `target` the budget the "
              "method was sized for; `(min)` marks a budget below the least the method can hold "
              "on that model and length (its smallest setting is used). Cross-layer sharing methods "
-             "(kvsharer, pyramid+kvsharer) hold K/V in slots only: readers count 0 bytes. "
-             "`pyramid-evict` is an ablation: PyramidInfer's recent-query votes used only to evict "
-             "from per-layer caches under a budget, every layer computing on all prompt tokens.", ""]
+             "(kvsharer, pyramid+kvsharer) hold K/V in slots only: readers count 0 bytes. Merging "
+             "methods (minicache, pyramid+minicache) count bytes: shared directions once, norms, "
+             "retained rows and indices, raw decode tails. `pyramid-evict` is an ablation: "
+             "PyramidInfer's recent-query votes used only to evict from per-layer caches under a "
+             "budget, every layer computing on all prompt tokens.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         s = meta["settings"][model]
         full = next(r["full_ppl"] for r in rows if r["model"] == model)

@@ -9,6 +9,11 @@ segmented selection, compaction); they differ in their scores and windows.
 Cross-layer sharing methods ("kvsharer", "pyramid+kvsharer") hold K/V in slots only; their
 KVSharer plans are calibrated on sentences from the END of the data file, never on the
 evaluation windows (which come from its start).
+
+Merging methods ("minicache": MiniCache merging alone, sized by its first merged layer;
+"pyramid+minicache": merging from half depth, the pyramid sized to the rest of the budget) are
+calibrated by measurement, like "pyramid-mass". Every fraction is in BYTES (Runner.held_bytes:
+directions once, norms, retained rows and indices, raw tails) over a full cache's.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ SHARING_METHODS = ("kvsharer", "pyramid+kvsharer")
 # "pyramid+kvsharer" fixes its sharing part at this fraction (KVSharer's reported ~25-30% saving)
 # and sizes the pyramid part to the rest of the budget.
 SHARE_FRACTION = 0.75
+# MiniCache merging: retained (unmerged) fraction of each (sequence, KV head)'s prompt tokens.
+MERGE_METHODS = ("minicache", "pyramid+minicache")
+MERGE_RETAIN = 0.05
 BUDGETS = (1.0, 0.75, 0.6, 0.45, 0.3)
 # The text each model in ../shared/models is evaluated on (its README); others use WikiText-2.
 DATA = {"stories260K": "tinystories/tinystories_val_head.txt",
@@ -160,6 +168,15 @@ def method_config(method: str, target: float, num_layers: int, n: int, m: int,
         s = _bisect(lambda s: plan.mean_fraction(pyramid_family(s, "count", num_layers).replace(sharing=sharing),
                                                  num_layers, n, m), target, 0.0, 1.0, 20)
         return pyramid_family(s, "count", num_layers).replace(sharing=sharing, name="pyramid+kvsharer")
+    if method in MERGE_METHODS:
+        if measure is None:
+            raise ValueError(f"{method} needs a measure() to calibrate its budget")
+        merge = lambda start=None: {"start": start, "t": 0.5, "retain": MERGE_RETAIN}  # noqa: E731
+        if method == "minicache":  # fewest merged pairs (largest first merged layer) within target
+            cfg = lambda st: PRESETS["full"].replace(merge=merge(int(st)), name="minicache")  # noqa: E731
+            return cfg(_bisect(lambda st: measure(cfg(st)), target, 0, num_layers - 2, 20, integer=True))
+        cfg = lambda s: pyramid_family(s, "count", num_layers).replace(merge=merge(), name=method)  # noqa: E731
+        return cfg(_bisect(lambda s: measure(cfg(s)), target, 0.0, 1.0, 8))
     if method == "pyramid-count":
         s = _bisect(lambda s: plan.mean_fraction(pyramid_family(s, "count", num_layers), num_layers, n, m),
                     target, 0.0, 1.0, 20)
@@ -222,8 +239,8 @@ def score_windows(model, config: PyramidConfig, ids: Tensor, n: int,
         lp = logits.float().log_softmax(-1)
         target = ids[:, n + t]
         nll -= lp.gather(1, target[:, None]).sum()
-        cached = runner.held_tokens()  # [W] tokens over slots (sharing readers hold none)
-        held += (cached.double() / (L * (n + t))).sum()
+        cached = runner.held_bytes()  # [W] over slots (sharing readers hold none) and merged pairs
+        held += (cached.double() / (runner.row_bytes() * L * (n + t))).sum()
         if full_logprobs is not None:
             ref = full_logprobs[t].to(dev)
             agree += (ref.argmax(-1) == lp.argmax(-1)).sum()
@@ -272,7 +289,8 @@ def evaluate_model(model, windows: Tensor, settings: EvalSettings, progress: boo
     def smallest(method: str) -> float:
         """The least a method can hold here (its smallest setting): budgets below are unreachable."""
         cfg = method_config(method, 0.0, L, n, m, measure, share)
-        return measure(cfg) if method == "pyramid-mass" else plan.mean_fraction(cfg, L, n, m)
+        measured_only = method == "pyramid-mass" or method in MERGE_METHODS
+        return measure(cfg) if measured_only else plan.mean_fraction(cfg, L, n, m)
 
     runs = [(mth, x) for mth in settings.methods for x in settings.budgets]
     bar = _progress(runs, f"eval {label}".strip(), progress)

@@ -70,6 +70,9 @@ def cache_history(config: PyramidConfig, num_layers: int, n: int, new_tokens: in
 def held(config: PyramidConfig, num_layers: int, lengths: List[int]) -> int:
     """Tokens held over the layers' lengths: with cross-layer sharing only slots hold K/V (a
     sharing plan changes no count: each slot follows its owner's schedule, readers store none)."""
+    if config.merge is not None:
+        raise ValueError("the planner counts tokens; merged pairs hold data-dependent bytes "
+                         "(retained rows): measure them with Runner.stats() / held_bytes()")
     slots = config.sharing_plan(num_layers).slots
     return sum(lengths[i] for i in slots)
 

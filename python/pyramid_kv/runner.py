@@ -22,6 +22,11 @@ pyramid keeps more in shallower layers, so a slot keeps at least what its deepes
 would keep. With token dropping between a slot and its reader, the reader's tokens are a subset
 of the slot's, and its prefill attention masks on original positions (key <= query).
 
+MiniCache merging (config.merge, pyramid_kv.merging): prefill runs unmerged; then each merged
+pair (l, l + 1) stores its prompt K/V as shared SLERP directions, per-layer norms and retained
+rows, and its decode tokens raw in per-layer tails. No token dropping happens between the two
+layers of a pair (they hold the same tokens), and decode compression skips merged layers.
+
 Batches are ragged and left-aligned: sequence b holds rows [0, lengths[b]) of every buffer.
 Per-sequence values stay on the device; only upper bounds (buffer widths) live on the host, so
 decode steps never synchronise. The one exception is mass (top-p) selection in prefill, whose
@@ -31,7 +36,7 @@ kept counts are data dependent: one synchronisation per compressing layer sizes 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,7 @@ from . import ops
 from .attention import causal_attention, decode_attention, shared_attention
 from .cache import CacheStats, LayerCache, cache_stats
 from .config import PRESETS, PyramidConfig
+from .merging import MergedPair
 from .model import ModelAdapter
 from .selection import (compact_inplace, gather_rows, recent_bound, recent_lengths, row_weights,
                         select_context, splice_chunk)
@@ -71,7 +77,10 @@ class Runner:
                 raise ValueError(f"kv_budget for layer {i} ({b}) must be at least decode_recent + "
                                  f"decode_chunk + sinks + 1 = {least}")
         # One entry per layer; a reader's entry IS its source slot's LayerCache (an alias).
-        self.layers: List[LayerCache] = []
+        self.layers: List[LayerCache] = []  # a merged layer's entry is its raw decode tail
+        self.pair_of = {li: pair for pair in cfg.merged_pairs(L) for li in pair}
+        self.merged: Dict[int, MergedPair] = {}  # by the pair's first layer
+        self.workspace: Optional[LayerCache] = None  # restored K/V of one merged layer at a time
         self._prefill_lengths: List[Tensor] = []
         self.hidden: Optional[Tensor] = None  # last prefill's final hidden states [B, width, C]
 
@@ -99,6 +108,7 @@ class Runner:
         pos = torch.arange(n, device=dev).expand(B, n)
         width = n
         self.layers, self._prefill_lengths = [], []
+        self.merged, self.workspace, merging = {}, None, None
         self._graph = None  # a new batch: new buffers
         self.prompt_lengths = lens.clone()
         self.next_pos = lens.clone()
@@ -153,12 +163,23 @@ class Runner:
                 pscores = scores if compress and self.policy == "pyramid" else None
                 kept, clens = self._trim(kept, q, k, lens, lse, scale, width, budget, pscores)
                 cbound, cexact = budget, False
-            self.layers.append(self._layer_cache(li, kept, clens, cbound, cexact, q, lens, max_new_tokens))
+            if li in self.pair_of:  # merged: the prompt rows go to the pair, decode tokens to a tail
+                self.layers.append(self._tail(k, max_new_tokens))
+                if merging is None:
+                    merging = kept[:2]
+                else:
+                    self._merge(merging, kept[:2], clens, cbound, cexact)
+                    merging = None
+            else:
+                self.layers.append(self._layer_cache(li, kept, clens, cbound, cexact, q, lens, max_new_tokens))
 
             if compress:
                 h, pos, lens, width = self._drop_tokens(li, h, pos, scores.sum(1), lens, recent, rows, width)
                 exact = False
         self.hidden = h
+        if self.merged:
+            P = max(p.bound for p in self.merged.values())
+            self.workspace = self._tail(self.layers[min(self.merged)].k, P + max_new_tokens)
         last = h[torch.arange(B, device=dev), lens - 1]
         return a.logits(last)
 
@@ -249,6 +270,19 @@ class Runner:
                           positions=buffer(kept[2], torch.int32) if self.track_positions else None,
                           accumulated=buffer(kept[3]) if len(kept) > 3 else None)
 
+    def _tail(self, k: Tensor, rows: int) -> LayerCache:
+        """An empty zeroed token-major cache of `rows` rows shaped like k [B, Hkv, n, D]."""
+        B, H, _, D = k.shape
+        store = k.new_zeros((B, rows, H, D))
+        return LayerCache(store, torch.zeros_like(store), torch.zeros(B, dtype=torch.int64, device=k.device),
+                          0, exact=True)
+
+    def _merge(self, a, b, lens, bound, exact) -> None:
+        cfg = self.config
+        li = len(self.layers) - 1
+        self.merged[li - 1] = MergedPair.merge((li - 1, li), a, b, lens, bound, exact,
+                                               cfg.merge_option("t"), cfg.merge_option("retain"))
+
     def _decode_room(self, layer: int, max_new: int) -> int:
         """Rows a layer can grow by while generating max_new tokens."""
         if not self.compress_decode:
@@ -276,7 +310,7 @@ class Runner:
         if self.compress_decode:
             for li in self.sharing.slots:
                 c = self.layers[li]
-                if c.unprocessed >= cfg.decode_recent + cfg.decode_chunk:
+                if c.unprocessed >= cfg.decode_recent + cfg.decode_chunk and li not in self.pair_of:
                     self._compress_chunk(li, c, self.adapter.scale(self.adapter.layers[li]))
         self.generated += 1
         return logits
@@ -297,6 +331,10 @@ class Runner:
                 c.write(k, v, q, self.next_pos)
             else:  # a reader: the slot, written by its lower owner this step, already holds the token
                 q = a.q_only(layer, layer.input_layernorm(h), cos, sin)
+            if li in self.pair_of:  # c is the layer's tail: attend over the restored workspace
+                first = self.pair_of[li][0]
+                c = self.merged[first].restore(li - first, self.workspace, c, graph)
+                width = c.capacity if graph else c.bound
             o = decode_attention(q, c, scale, width)
             if c.accumulated is not None and owner:  # H2O: add this query's attention to every key
                 c.accumulated[:, :, :width, 0] += ops.ensemble_scores(
@@ -407,11 +445,33 @@ class Runner:
         """Memory of the current caches against a full cache (one host synchronisation)."""
         full = self.prompt_lengths + self.generated
         prefill = torch.stack(self._prefill_lengths).sum(1).tolist()
-        return cache_stats(self.layers, full, [int(x) for x in prefill], self.sharing.sources)
+        st = cache_stats(self.layers, full, [int(x) for x in prefill], self.sharing.sources)
+        for first, pair in self.merged.items():  # a merged layer's entry counted its tail only
+            for which, li in enumerate(pair.layers):
+                st.layer_tokens[li] += pair.lengths.double().mean().item()
+                st.layer_bytes[li] += int(pair.layer_bytes(which).sum())
+                st.layer_allocated[li] += pair.layer_allocated(which)
+        if self.workspace is not None:
+            st.workspace_bytes = 2 * self.workspace.k.numel() * self.workspace.k.element_size()
+        return st
 
     def held_tokens(self) -> Tensor:
-        """[B] tokens held per sequence over all slots (readers hold none); no synchronisation."""
-        return torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0)
+        """[B] tokens held per sequence over all slots (readers hold none; a merged layer holds
+        its prompt tokens, merged or not, and its tail); no synchronisation."""
+        held = torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0)
+        return held + sum(2 * p.lengths for p in self.merged.values())
+
+    def row_bytes(self) -> int:
+        """Bytes of one token's K and V in one layer of an unmerged cache."""
+        k = self.layers[0].k
+        return 2 * k.shape[1] * k.shape[3] * k.element_size()
+
+    def held_bytes(self) -> Tensor:
+        """[B] bytes of K/V held per sequence over all slots and merged pairs (directions once,
+        norms, retained rows and indices, raw tails); the shared workspace is not per sequence
+        (see stats()). No synchronisation."""
+        held = torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0) * self.row_bytes()
+        return held + sum(p.layer_bytes(w) for p in self.merged.values() for w in (0, 1))
 
 
 def _rows_at(x: Tensor, x_pos: Tensor, x_lens: Tensor, pos: Tensor) -> Tensor:
