@@ -41,3 +41,29 @@ def load(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     model = _random(name.split("-")[1], device, dtype)
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (300, 150, 37)]
     return model, prompts
+
+
+def small(**changes):
+    """A config that compresses even short prompts: a low floor, short decode chunks."""
+    import pyramid_kv as pk
+
+    base = dict(min_context=8, decay=0.5, decode_chunk=8, decode_recent=8, sinks=2)
+    base.update(changes)
+    return pk.preset("paper-7b", **base)
+
+
+def logits_trace(model, cfg, prompts, steps=12, *, graph_shaped=False, **runner_options):
+    """Prefill + greedy decode logits [steps + 1, B, V] of a ragged batch, and the runner.
+    graph_shaped: run every decode step with the CUDA-graph step's fixed shapes (attention over
+    each cache's whole capacity, masked by lengths), which lets CPU tests check that path."""
+    import pyramid_kv as pk
+    from pyramid_kv.generate import batch_prompts
+
+    ids, lengths = batch_prompts(prompts)
+    runner = pk.Runner(model, cfg, **runner_options)
+    if graph_shaped:
+        runner._step = lambda tokens, graph: pk.Runner._step(runner, tokens, True)
+    logits = [runner.prefill(ids, lengths, steps)]
+    for _ in range(steps):
+        logits.append(runner.decode_step(logits[-1].argmax(-1)))
+    return torch.stack(logits), runner

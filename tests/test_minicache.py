@@ -8,39 +8,23 @@ import torch
 import pyramid_kv as pk
 from pyramid_kv import evaluate as ev
 from pyramid_kv.generate import batch_prompts
-from models import load
-
-
-def small(**changes):
-    """Compresses even short prompts, in prefill and decode (as tests/test_sharing.py)."""
-    base = dict(min_context=8, decay=0.5, decode_chunk=8, decode_recent=8, sinks=2)
-    base.update(changes)
-    return pk.preset("paper-7b", **base)
-
-
-def _trace(model, cfg, prompts, steps=12):
-    ids, lengths = batch_prompts(prompts)
-    runner = pk.Runner(model, cfg)
-    logits = [runner.prefill(ids, lengths, steps)]
-    for _ in range(steps):
-        logits.append(runner.decode_step(logits[-1].argmax(-1)))
-    return torch.stack(logits), runner
+from models import load, logits_trace, small
 
 
 def test_retaining_every_token_is_exactly_unmerged():
     model, prompts = load("random-llama")
-    plain, _ = _trace(model, pk.preset("full"), prompts)
-    merged, runner = _trace(model, pk.preset("full", merge={"start": 1, "retain": 1.0}), prompts)
+    plain, _ = logits_trace(model, pk.preset("full"), prompts)
+    merged, runner = logits_trace(model, pk.preset("full", merge={"start": 1, "retain": 1.0}), prompts)
     assert sorted(runner.merged) == [1, 3] and torch.equal(plain, merged)
     # With the pyramid: the unmerged reference keeps everything where the merged run may not drop
     # (layer 3 in prefill, layers 3-4 in decode), so both hold the same tokens.
     ratios = [0.6, 0.5, 0.4, 1.0, 0.3]
     base = small(schedule="list", layer_ratios=ratios, decode_layer_ratios=[0.9, 0.8, 0.6, 1.0, 1.0])
-    plain, _ = _trace(model, base, prompts, steps=24)
-    merged, runner = _trace(model, base.replace(merge={"start": 3, "retain": 1.0}), prompts, steps=24)
+    plain, _ = logits_trace(model, base, prompts, steps=24)
+    merged, runner = logits_trace(model, base.replace(merge={"start": 3, "retain": 1.0}), prompts, steps=24)
     assert list(runner.merged) == [3] and torch.equal(plain, merged)
     assert int(runner.layers[1].lengths[0]) < int(runner.prompt_lengths[0]) + 24  # layer 1 compressed
-    merged0, _ = _trace(model, base.replace(merge={"start": 3, "retain": 0.0}), prompts, steps=24)
+    merged0, _ = logits_trace(model, base.replace(merge={"start": 3, "retain": 0.0}), prompts, steps=24)
     assert (merged0 - plain).abs().max() > 1e-2  # merging does change the outputs
 
 
@@ -106,7 +90,7 @@ def test_config_errors_against_the_model_and_other_features():
 def test_bytes_match_a_hand_count():
     model, prompts = load("random-llama")
     steps, retain = 10, 0.1
-    _, runner = _trace(model, small(merge={"start": 3, "retain": retain}), prompts, steps=steps)
+    _, runner = logits_trace(model, small(merge={"start": 3, "retain": retain}), prompts, steps=steps)
     st = runner.stats()
     H, D, e = model.config.num_key_value_heads, 64, 4
     row = 2 * H * D * e  # K and V of one token, one layer
@@ -139,14 +123,9 @@ def test_graph_shaped_decode_step_with_merging():
     """The CUDA-graph step (whole tail capacity restored, lengths masking) equals the eager one."""
     model, prompts = load("random-llama")
     cfg = small(merge={"start": 1, "retain": 0.1})
-    eager, _ = _trace(model, cfg, prompts, steps=16)
-    ids, lengths = batch_prompts(prompts)
-    runner = pk.Runner(model, cfg)
-    runner._step = lambda tokens, graph: pk.Runner._step(runner, tokens, True)
-    logits = [runner.prefill(ids, lengths, 16)]
-    for _ in range(16):
-        logits.append(runner.decode_step(logits[-1].argmax(-1)))
-    torch.testing.assert_close(torch.stack(logits), eager, atol=1e-4, rtol=1e-4)
+    eager, _ = logits_trace(model, cfg, prompts, steps=16)
+    shaped, _ = logits_trace(model, cfg, prompts, steps=16, graph_shaped=True)
+    torch.testing.assert_close(shaped, eager, atol=1e-4, rtol=1e-4)
 
 
 def test_tiny_eval_of_the_merging_methods():

@@ -9,7 +9,7 @@ import pyramid_kv as pk
 from pyramid_kv import PyramidConfig
 from pyramid_kv.generate import batch_prompts
 from helpers import devices
-from models import MODEL_NAMES, load
+from models import MODEL_NAMES, load, small
 
 
 def setup(name, device, dtype=None):
@@ -33,13 +33,6 @@ def bf16_tie(logits: torch.Tensor) -> bool:
 EXACT_DTYPES = [pytest.param("cpu", torch.float32, id="cpu"),
                 pytest.param("cuda", torch.float32, marks=pytest.mark.cuda, id="cuda-f32"),
                 pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda, id="cuda-bf16")]
-
-
-def small(**changes):
-    """A config that compresses even short prompts: a low floor, short decode chunks."""
-    base = dict(min_context=8, decay=0.5, decode_chunk=8, decode_recent=8, sinks=2)
-    base.update(changes)
-    return pk.preset("paper-7b", **base)
 
 
 @pytest.mark.parametrize("device,dtype", EXACT_DTYPES)

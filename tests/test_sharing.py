@@ -10,16 +10,9 @@ import pyramid_kv as pk
 from pyramid_kv.attention import shared_attention
 from pyramid_kv.generate import batch_prompts
 from pyramid_kv.sharing import SharingPlan, calibrate_kvsharer
-from models import load
+from models import load, logits_trace, small
 
 SHARED_PLAN = "0_0_2_2_2"  # 5-layer models: layer 1 reads 0, layers 3 and 4 read 2
-
-
-def small(**changes):
-    """Compresses even short prompts, in prefill and decode (as tests/test_runner.py)."""
-    base = dict(min_context=8, decay=0.5, decode_chunk=8, decode_recent=8, sinks=2)
-    base.update(changes)
-    return pk.preset("paper-7b", **base)
 
 
 # ---------------------------------------------------------------------- plans
@@ -58,30 +51,21 @@ def test_runner_refuses_wrong_length_and_upper_reads():
 
 
 # ---------------------------------------------------------------------- the runner
-def _logits_trace(model, cfg, prompts, steps=12):
-    """Prefill + greedy decode logits of a ragged batch, and the runner."""
-    ids, lengths = batch_prompts(prompts)
-    runner = pk.Runner(model, cfg, track_positions=True)
-    logits = [runner.prefill(ids, lengths, steps)]
-    for _ in range(steps):
-        logits.append(runner.decode_step(logits[-1].argmax(-1)))
-    return torch.stack(logits), runner
-
-
 @pytest.mark.parametrize("name", ["stories260K", "random-qwen3"])
 @pytest.mark.parametrize("base", ["full", "small"])
 def test_identity_plan_is_exactly_unshared(name, base):
     model, prompts = load(name)
     cfg = pk.preset("full") if base == "full" else small()
     L = model.config.num_hidden_layers
-    plain, _ = _logits_trace(model, cfg, prompts)
-    ident, _ = _logits_trace(model, cfg.replace(sharing=SharingPlan.identity(L).to_string()), prompts)
+    plain, _ = logits_trace(model, cfg, prompts, track_positions=True)
+    ident, _ = logits_trace(model, cfg.replace(sharing=SharingPlan.identity(L).to_string()), prompts,
+                             track_positions=True)
     assert torch.equal(plain, ident)
 
 
 def test_readers_store_nothing_and_stats_count_slots():
     model, prompts = load("random-llama")
-    _, runner = _logits_trace(model, small(sharing=SHARED_PLAN), prompts)
+    _, runner = logits_trace(model, small(sharing=SHARED_PLAN), prompts, track_positions=True)
     st = runner.stats()
     for reader, slot in [(1, 0), (3, 2), (4, 2)]:
         assert runner.layers[reader] is runner.layers[slot]
@@ -178,14 +162,9 @@ def test_graph_shaped_decode_step_with_sharing():
     eager step's logits with readers: checked on CPU by forcing its shapes."""
     model, prompts = load("random-llama")
     cfg = small(sharing=SHARED_PLAN)
-    eager, _ = _logits_trace(model, cfg, prompts, steps=20)
-    ids, lengths = batch_prompts(prompts)
-    runner = pk.Runner(model, cfg)
-    runner._step = lambda tokens, graph: pk.Runner._step(runner, tokens, True)
-    logits = [runner.prefill(ids, lengths, 20)]
-    for _ in range(20):
-        logits.append(runner.decode_step(logits[-1].argmax(-1)))
-    torch.testing.assert_close(torch.stack(logits), eager, atol=1e-4, rtol=1e-4)
+    eager, _ = logits_trace(model, cfg, prompts, steps=20, track_positions=True)
+    shaped, _ = logits_trace(model, cfg, prompts, steps=20, graph_shaped=True, track_positions=True)
+    torch.testing.assert_close(shaped, eager, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------- KVSharer
