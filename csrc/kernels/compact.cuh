@@ -619,6 +619,12 @@ inline int64_t resident_blocks() {
   static const int per_sm = [] {
     int n = 0;
     if (kInPlace) {
+      // 4 blocks x 34 KB of shared memory per SM: ask for the largest carveout (a hint; the
+      // kernel reads around L1 anyway), so that the driver does not pick a smaller one.
+      if (cudaFuncSetAttribute(compact_move, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
+        cudaGetLastError();  // only a hint: clear its error, so that no launch check reports it
+      }
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_move, kThreads, 0);
     } else {
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_gather, kThreads, 0);
