@@ -7,7 +7,13 @@ bf16 K and V [B, H, N, 128], per-sequence random ascending index sets keeping 25
 the N tokens (counts = C for every sequence). GB/s count the bytes read plus the bytes written:
 2 * (kept bytes of K and V). `copy` is one `dst.copy_(src)` of that many bytes; `pct_copy` is a
 method's bandwidth as a percentage of it; `x_gather` is torch.gather's time over the method's.
-The in-place time includes zeroing its small workspace (one memset per call).
+The in-place time includes its pre-pass (identity prefixes, workspace set-up: one more launch).
+
+A second table times the runner's decode eviction pattern in place: per sequence, the identity
+up to a start offset (90% of N), a 16-row chunk keeping 4 rows, then a 16-row tail shifted
+down by 12 (the rest of the cache, to N, is free room). Only the rows with indices[i] != i move;
+its GB/s and `copy` count those bytes. `kernel` and `gather` (out of place) copy all C rows, the
+alternative without an in-place op; x_kernel / x_gather are their times over the in-place time.
 """
 
 from __future__ import annotations
@@ -35,6 +41,22 @@ class Config:
     @property
     def C(self) -> int:
         return int(round(self.keep * self.N))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    B: int = 32
+    H: int = 40
+    N: int = 800
+    D: int = 128
+    prefix: int = 720  # identity rows
+    chunk: int = 16
+    kept: int = 4
+    tail: int = 16
+
+    @property
+    def C(self) -> int:
+        return self.prefix + self.kept + self.tail
 
 
 SHAPES = [(32, 40, 768, 128), (8, 8, 16384, 128), (1, 8, 131072, 128)]
@@ -92,6 +114,53 @@ def bench(c: Config):
     return row
 
 
+def bench_decode(c: DecodeConfig):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dt = torch.bfloat16
+    k = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
+    C = c.C
+    offs = torch.rand(c.B, c.chunk, device="cuda", generator=g).argsort(dim=1)[:, :c.kept].sort(dim=1).values
+    ar = lambda n, at: torch.arange(at, at + n, device="cuda").expand(c.B, n)  # noqa: E731
+    idx = torch.cat([ar(c.prefix, 0), c.prefix + offs, ar(c.tail, c.prefix + c.chunk)], dim=1)
+    counts = torch.full((c.B,), C, device="cuda", dtype=torch.int64)
+    ix = idx[:, None, :, None].expand(c.B, c.H, C, c.D)
+    ko, vo = torch.empty(c.B, c.H, C, c.D, device="cuda", dtype=dt), torch.empty(c.B, c.H, C, c.D, device="cuda", dtype=dt)
+    k2, v2 = k.clone(), v.clone()
+    row_bytes = c.D * k.element_size()
+    moving_rows = int((idx != torch.arange(C, device="cuda")).sum())  # over the batch
+    moved = 2 * 2 * moving_rows * c.H * row_bytes  # read + write, K and V
+    csrc = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+    cdst = torch.empty_like(csrc)
+
+    gather = lambda: (torch.gather(k, 2, ix), torch.gather(v, 2, ix))  # noqa: E731
+    kernel = lambda: pk.compact([k, v], idx, counts, out=[ko, vo], validate=False)  # noqa: E731
+    inplace = lambda: pk.compact_([k2, v2], idx, counts, validate=False)  # noqa: E731
+    copy = lambda: cdst.copy_(csrc)  # noqa: E731
+
+    gk, gv = gather()
+    kernel()
+    inplace()
+    match = (torch.equal(ko, gk) and torch.equal(vo, gv)
+             and torch.equal(k2[:, :, :C], gk) and torch.equal(v2[:, :, :C], gv))
+    del gk, gv
+    # Repeated calls move the same rows again: the same work every time.
+    t = {name: time_cuda(fn) for name, fn in
+         [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
+    row = {**asdict(c), "C": C, "moving_rows_per_seq": moving_rows / c.B, "mbytes": moved / 1e6,
+           "match": match}
+    for name, us in t.items():
+        row[f"{name}_us"] = us
+    row["inplace_gbs"] = moved / t["inplace"] / 1e3
+    row["copy_gbs"] = moved / t["copy"] / 1e3
+    row["inplace_pct_copy"] = 100 * t["copy"] / t["inplace"]
+    row["inplace_x_kernel"] = t["kernel"] / t["inplace"]
+    row["inplace_x_gather"] = t["gather"] / t["inplace"]
+    del k, v, k2, v2, ko, vo, csrc, cdst
+    torch.cuda.empty_cache()
+    return row
+
+
 def main():
     rows = []
     for c in configs():
@@ -105,7 +174,14 @@ def main():
             "kernel_pct_copy", "inplace_pct_copy", "kernel_x_gather", "inplace_x_gather", "match"]
     print_table(rows, cols, title="compact, bf16 K and V, D=128 (us; GB/s = read + write; "
                                   "pct_copy = % of the same-bytes copy bandwidth)")
-    write_results("compact", rows, {"copy_gbs_1gib": copy_bandwidth_gbs()})
+    decode = [bench_decode(DecodeConfig())]
+    print_table(decode, ["B", "H", "N", "C", "moving_rows_per_seq", "mbytes", "inplace_us", "copy_us",
+                         "inplace_gbs", "copy_gbs", "inplace_pct_copy", "kernel_us", "gather_us",
+                         "inplace_x_kernel", "inplace_x_gather", "match"],
+                title="compact_ in place, decode eviction pattern (GB/s and copy: the moving rows only; "
+                      "kernel and gather: all C rows, out of place)")
+    write_results("compact", rows, {"copy_gbs_1gib": copy_bandwidth_gbs(), "decode": decode})
+    rows = rows + decode
     if not all(r["match"] for r in rows):
         sys.exit("MISMATCH between the kernel and torch.gather")
 

@@ -187,6 +187,37 @@ def test_inplace_reference_and_untouched_rows(device):
     assert torch.equal(got[:, :, :10], k[:, :, :10])  # the identity prefix never moved
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("per_head", [False, True])
+def test_inplace_decode_splice(device, per_head):
+    """The runner's decode eviction (selection.splice_chunk): identity up to a start offset, a
+    chunk's kept rows, a shifted tail; ragged starts and lengths, so segments move different
+    numbers of rows (tiles past a segment's move and rounds past the longest move)."""
+    from pyramid_kv.selection import splice_chunk
+
+    g = generator(21 + per_head)
+    B, H, N, D, chunk, kept = 3, 4, 300, 64, 16, 4
+    S = B * H if per_head else B
+    lengths = torch.randint(chunk, N + 1, (S,), generator=g)
+    lengths[0] = N
+    start = (torch.rand(S, generator=g) * (lengths - chunk + 1)).long()
+    start[-1] = 0  # a segment whose whole cache moves
+    offs = torch.rand(S, chunk, generator=g).argsort(1)[:, :kept].sort(1).values
+    idx, counts = splice_chunk(lengths, start, chunk, offs, kept, N)
+    if per_head:
+        idx, counts = idx.view(B, H, N), counts.view(B, H)
+    k = torch.randn(B, H, N, D, generator=g).bfloat16()
+    v = torch.randn(B, H, N, D, generator=g).bfloat16()
+    pos = torch.arange(N).expand(B, H if per_head else 1, N)[..., None].contiguous()
+    expect = ref.compact([k, v, pos], idx, counts)
+    moved = pk.compact_([t.to(device, copy=True) for t in (k, v, pos)], idx.to(device), counts.to(device))
+    check_inplace(moved, idx, counts, expect)
+    # Every row kept: nothing moves (no tile is handed out).
+    same = pk.compact_([t.to(device, copy=True) for t in (k, v)], torch.arange(N).expand(B, N).to(device),
+                       torch.full((B,), N).to(device))
+    assert torch.equal(same[0].cpu(), k) and torch.equal(same[1].cpu(), v)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("B,H,N,D,dtype,per_head,layout", [
     (2, 8, 8192, 128, torch.bfloat16, False, "BHND"),

@@ -1,4 +1,4 @@
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 
 #include "kernels/compact.cuh"
 #include "launch.h"
@@ -52,9 +52,11 @@ kernels::CompactParams make_params(at::TensorList src, const Tensor& indices, co
   p.counts = index_array(counts);
   p.cnt_sb = counts.stride(0);
   p.cnt_sh = p.per_head ? counts.stride(1) : 0;
+  p.B = d.B;
+  p.idx_H = p.per_head ? d.heads : 1;
   p.N = d.N;
   p.max_count = d.N > 0 ? d.C : 0;  // nothing to gather from an empty source
-  kernels::plan_compact_tiles(p, d.B, row_bytes);
+  kernels::plan_compact_tiles(p, row_bytes);
   return p;
 }
 
@@ -97,10 +99,12 @@ void compact_inplace_cuda(at::TensorList src, const Tensor& indices, const Tenso
   if (p.total_tiles == 0) return;
   TORCH_CHECK_VALUE(p.total_tiles < (int64_t{1} << 31), "compact_: too many tiles (",
                     p.total_tiles, ") for one call");
-  // Ticket and read-done flags, zeroed on the stream (no host synchronisation).
-  const Tensor workspace = at::zeros({kernels::compact_inplace_workspace_words(p)},
-                                     src[0].options().dtype(at::kInt));
-  check_launch(kernels::launch_compact_inplace(p, static_cast<unsigned*>(workspace.mutable_data_ptr()),
+  kernels::plan_compact_inplace(p);
+  // Ticket, flags and per-segment moves: initialised by the launch's pre-pass (no memset, no
+  // host synchronisation).
+  const Tensor workspace = at::empty({kernels::compact_inplace_workspace_words(p)},
+                                     src[0].options().dtype(at::kLong));
+  check_launch(kernels::launch_compact_inplace(p, workspace.mutable_data_ptr<int64_t>(),
                                                c10::cuda::getCurrentCUDAStream()),
                "compact_");
 }

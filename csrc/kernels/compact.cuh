@@ -8,24 +8,35 @@
 // row exceeds kTileChunks chunks), at most kTileChunks chunks per tile. A block of kThreads
 // threads takes one tile at a time; thread x owns chunks x + u * kThreads (u < kUnroll) and
 // issues all of its index loads, then all of its data loads, then all of its stores, so each
-// thread has kUnroll independent 16-byte loads in flight. Tile ids run tensor-major, then
-// segment, then row tile, then stripe; offsets and row numbers are 64-bit throughout.
+// thread has kUnroll independent 16-byte loads in flight. Out of place, tile ids run
+// tensor-major, then segment, then row tile, then stripe; offsets and row numbers are 64-bit.
 //
-// In place (kInPlace). Row i of a segment takes row src(i) = indices[i] with indices strictly
-// ascending, so src(i) >= i: a tile with destination rows [S, E) reads only rows >= S of its
-// stripe, and a later tile of the stripe never reads a row that an earlier one writes. The
-// only hazard is an EARLIER tile k reading a row of [S, E) that this tile overwrites
-// (write-after-read). So every tile (1) loads all its source chunks into registers and
-// consumes them (every load has returned), (2) passes a block barrier and publishes a "read
-// done" flag (fence + release store, the pattern of a cooperative grid barrier), (3) waits for
-// the flags of the earlier tiles of its stripe whose source rows can lie in [S, E), (4) passes
-// a barrier and stores. Rows with src(i) == i are neither read nor written (decode moves only
-// the tail). Tiles take ids from an atomic ticket in the order they start and publish before
-// they wait, so every awaited tile is running or done: no deadlock, even with bad indices (a
-// tile only ever waits for lower ids of its own stripe). The earlier tiles that can read
-// [S, E) form a range [a, b] of row tiles that two warps find by 32-way searches of the
-// ascending index row while the loads are in flight (typically one or two tiles).
+// In place (compact_move). Row i of a segment takes row src(i) = indices[i] with indices
+// strictly ascending, so src(i) >= i, and the rows with src(i) == i form a prefix [0, P) (once
+// src(i) > i, src(i + 1) > i + 1). A pre-pass (compact_prepare) finds P and the clamped count
+// of every index row; the move then tiles only the rows [P, count) of each segment (decode
+// moves a short tail behind a long identity prefix: a few tiles in all). A tile with
+// destination rows [S, E) reads only rows >= S of its stripe, so a later tile of the stripe
+// never reads a row that an earlier one writes; the only hazard is an EARLIER tile k reading a
+// row of [S, E) that this tile overwrites (write-after-read). Protocol per tile: (1) load all
+// source chunks (cp.async into shared memory) and wait for them, (2) pass a block barrier and
+// publish a "read done" flag (fence + release store, the pattern of a cooperative grid
+// barrier), (3) wait for the flags of the earlier tiles of its stripe whose sources can lie in
+// [S, E) (a range [a, b] of row tiles that two warps find by 32-way searches of the ascending
+// index row), (4) pass a barrier and store. Blocks are software-pipelined: a block issues the
+// loads of its next tile before it publishes, waits for and stores its current one, so the
+// protocol's latency overlaps a tile of loads in flight.
+//
+// In-place tile ids run round-major: row tile (round) r of every segment of every tensor of a
+// group (consecutive tensors tiled alike, such as K and V) before round r + 1, so the tiles a
+// tile may await are usually finished long before. Blocks take tiles in id order from an
+// atomic ticket, skipping the rounds beyond the longest move of the call. Every tile publishes
+// without waiting for anything, and waits only for lower ids, which have all been handed out:
+// no deadlock, for any index values and any scheduling of blocks (docs/perf/compact.md).
 #pragma once
+
+#include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -35,6 +46,7 @@ constexpr int kMaxCompactTensors = 8;
 
 namespace compact_detail {
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;                       // chunks in flight per thread
 constexpr int kTileChunks = kThreads * kUnroll;  // 16 KB tiles at 16-byte chunks
 }  // namespace compact_detail
@@ -53,7 +65,7 @@ struct CompactTensor {
   int64_t row_chunks;  // chunks per row
   int64_t stripes;     // ceil(row_chunks / width)
   int64_t row_tiles;   // ceil(rows / tile_rows)
-  int64_t first_tile;  // id of the tensor's first tile
+  int64_t first_tile;  // id of the tensor's first tile (in place: of its group's first tile)
 };
 
 struct CompactParams {
@@ -68,11 +80,17 @@ struct CompactParams {
   int64_t N;          // source rows
   int64_t max_count;  // counts are clamped into [0, max_count]
   int64_t total_tiles;
+  int64_t B;
+  int64_t idx_H;      // heads of per-head indices, else 1: index row r = b * idx_H + h
+  // In place (plan_compact_inplace): tensor i's group starts at tensor group[i]; group_size
+  // (on a group's first tensor): its tensors.
+  int group[kMaxCompactTensors];
+  int group_size[kMaxCompactTensors];
 };
 
 // Cuts each tensor (row bytes in row_bytes[t], B * H segments of `rows` rows) into tiles,
 // numbering them consecutively; sets total_tiles.
-inline void plan_compact_tiles(CompactParams& p, int64_t B, const int64_t* row_bytes) {
+inline void plan_compact_tiles(CompactParams& p, const int64_t* row_bytes) {
   using namespace compact_detail;
   int64_t next = 0;
   for (int i = 0; i < p.num_tensors; ++i) {
@@ -83,9 +101,69 @@ inline void plan_compact_tiles(CompactParams& p, int64_t B, const int64_t* row_b
     t.width = static_cast<int>(t.row_chunks > 0 ? (t.row_chunks + t.stripes - 1) / t.stripes : 1);
     t.tile_rows = kTileChunks / t.width;
     t.row_tiles = t.row_chunks > 0 ? (t.rows + t.tile_rows - 1) / t.tile_rows : 0;
-    next += B * t.H * t.row_tiles * t.stripes;
+    p.group[i] = i;
+    p.group_size[i] = 1;
+    next += p.B * t.H * t.row_tiles * t.stripes;
   }
   p.total_tiles = next;
+}
+
+// In place: after plan_compact_tiles, groups consecutive tensors tiled alike (same heads, tile
+// shape and tile counts) so that their tiles interleave round by round; every member of a
+// group gets the group's first tile id. total_tiles is unchanged.
+inline void plan_compact_inplace(CompactParams& p) {
+  int64_t next = 0;
+  for (int i = 0; i < p.num_tensors; ++i) {
+    CompactTensor& t = p.t[i];
+    const int lead = i > 0 ? p.group[i - 1] : 0;
+    const CompactTensor& g = p.t[lead];
+    if (i > 0 && t.H == g.H && t.width == g.width && t.tile_rows == g.tile_rows &&
+        t.stripes == g.stripes && t.row_tiles == g.row_tiles) {
+      p.group[i] = lead;
+      p.group_size[i] = 1;
+      p.group_size[lead] += 1;
+      t.first_tile = g.first_tile;
+    } else {
+      p.group[i] = i;
+      p.group_size[i] = 1;
+      t.first_tile = next;
+    }
+    next += p.B * t.H * t.row_tiles * t.stripes;
+  }
+}
+
+// In-place workspace: int64 words, all initialised by compact_prepare (allocate uninitialised).
+struct CompactWorkspace {
+  unsigned* ticket;     // next tile ticket
+  int64_t* segments;    // [index rows][2]: identity prefix P, clamped count
+  int64_t* block_max;   // [prep_blocks]: most rows a segment of the prep block moves
+  unsigned* flags;      // [total_tiles]: the tile's reads are done
+  int64_t prep_blocks;
+};
+
+// Index rows: B * H per head, else B.
+__host__ __device__ inline int64_t compact_index_rows(const CompactParams& p) { return p.B * p.idx_H; }
+
+// Blocks of compact_prepare: a warp per index row, and enough threads to zero the flags fast.
+inline int64_t compact_prep_blocks(const CompactParams& p) {
+  using namespace compact_detail;
+  const int64_t for_rows = (compact_index_rows(p) + kWarps - 1) / kWarps;
+  const int64_t for_flags = std::min<int64_t>((p.total_tiles + kThreads - 1) / kThreads, 512);
+  return std::max<int64_t>(std::max(for_rows, for_flags), 1);
+}
+
+inline int64_t compact_inplace_workspace_words(const CompactParams& p) {
+  return 1 + 2 * compact_index_rows(p) + compact_prep_blocks(p) + (p.total_tiles + 1) / 2;
+}
+
+inline CompactWorkspace compact_inplace_workspace(const CompactParams& p, int64_t* words) {
+  CompactWorkspace w;
+  w.prep_blocks = compact_prep_blocks(p);
+  w.ticket = reinterpret_cast<unsigned*>(words);
+  w.segments = words + 1;
+  w.block_max = w.segments + 2 * compact_index_rows(p);
+  w.flags = reinterpret_cast<unsigned*>(w.block_max + w.prep_blocks);
+  return w;
 }
 
 namespace compact_detail {
@@ -94,7 +172,7 @@ struct Tile {
   int t;                 // tensor
   int64_t b, h;
   int64_t row_tile, stripe;
-  int64_t seg_first;     // id of the segment's first tile
+  int64_t round_stride;  // in place: ids between row tiles k and k + 1 of this (t, b, h, stripe)
 };
 
 // a / b, in 32 bits when both fit (the common case; 64-bit division is a long subroutine).
@@ -103,6 +181,7 @@ __device__ __forceinline__ int64_t div64(int64_t a, int64_t b) {
   return a / b;
 }
 
+// Out of place: tensor-major, segment, row tile, stripe.
 __device__ __forceinline__ Tile decode_tile(const CompactParams& p, int64_t id) {
   Tile d;
   d.t = 0;
@@ -119,16 +198,40 @@ __device__ __forceinline__ Tile decode_tile(const CompactParams& p, int64_t id) 
   d.stripe = in_seg - d.row_tile * x.stripes;
   d.b = div64(seg, x.H);
   d.h = seg - d.b * x.H;
-  d.seg_first = x.first_tile + seg * per_seg;
+  d.round_stride = 0;
   return d;
 }
 
-__device__ __forceinline__ int64_t index_offset(const CompactParams& p, const Tile& d) {
-  return d.b * p.idx_sb + (p.per_head ? d.h * p.idx_sh : 0);
+// In place: group-major, then round (row tile), tensor of the group, segment, stripe.
+__device__ __forceinline__ Tile decode_move_tile(const CompactParams& p, int64_t id) {
+  int g = 0;
+#pragma unroll
+  for (int i = 1; i < kMaxCompactTensors; ++i) {
+    if (i < p.num_tensors && p.group[i] == i && id >= p.t[i].first_tile) g = i;
+  }
+  const CompactTensor& x = p.t[g];
+  const int64_t cols = p.B * x.H * x.stripes;  // tiles of one tensor per round
+  Tile d;
+  d.round_stride = cols * p.group_size[g];
+  const int64_t local = id - x.first_tile;
+  d.row_tile = div64(local, d.round_stride);
+  int64_t rest = local - d.row_tile * d.round_stride;
+  const int64_t member = div64(rest, cols);
+  rest -= member * cols;
+  const int64_t seg = div64(rest, x.stripes);
+  d.stripe = rest - seg * x.stripes;
+  d.b = div64(seg, x.H);
+  d.h = seg - d.b * x.H;
+  d.t = g + static_cast<int>(member);
+  return d;
 }
 
-__device__ __forceinline__ int64_t segment_count(const CompactParams& p, const Tile& d) {
-  return clamp64(p.counts[d.b * p.cnt_sb + (p.per_head ? d.h * p.cnt_sh : 0)], 0, p.max_count);
+__device__ __forceinline__ int64_t index_offset(const CompactParams& p, int64_t b, int64_t h) {
+  return b * p.idx_sb + (p.per_head ? h * p.idx_sh : 0);
+}
+
+__device__ __forceinline__ int64_t segment_count(const CompactParams& p, int64_t b, int64_t h) {
+  return clamp64(p.counts[b * p.cnt_sb + (p.per_head ? h * p.cnt_sh : 0)], 0, p.max_count);
 }
 
 // Loads that may see rows written by other blocks of the same launch (in place) must not use
@@ -152,6 +255,16 @@ __device__ __forceinline__ unsigned acquire_flag(const unsigned* flag) {
   return v;
 }
 
+// 16 bytes global -> shared without holding registers; .cg reads through L2 (coherent with
+// the other blocks' stores).
+__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most one committed group (the most recent) is still in flight.
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
 // The number of k in [0, n) with key(k) < x, found by one warp in 32-way steps, when key is
 // nondecreasing in k. For any key the result lies in [0, n] and the loop ends (the interval
 // shrinks every step), so bad input cannot make it read outside [0, n).
@@ -173,30 +286,35 @@ __device__ __forceinline__ int64_t warp_count_below(int64_t n, int64_t x, Key ke
   }
 }
 
-// XOR of a loaded value's words: consuming it makes the thread wait for the load's data.
-template <typename V>
-__device__ __forceinline__ unsigned fold(V v) {
-  if constexpr (sizeof(V) == 16) {
-    return v.x ^ v.y ^ v.z ^ v.w;
-  } else if constexpr (sizeof(V) == 8) {
-    return v.x ^ v.y;
-  } else {
-    return static_cast<unsigned>(v);
+__device__ __forceinline__ int64_t warp_max(int64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = max(v, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, v, o)));
+  return v;
+}
+
+// Calls f(std::integral_constant<int, vec>) for a tensor's access width.
+template <typename F>
+__device__ __forceinline__ void with_vec(int vec, F&& f) {
+  switch (vec) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
   }
 }
 
-// One tile: copy (out of place, zero-filling rows [count, rows) when asked) or move (in place,
-// with the read-done protocol above). Every thread of the block calls it for the same tile.
-// s_sink and s_wait (in place only): shared scratch.
-template <int kVec, bool kInPlace>
-__device__ __forceinline__ void copy_tile(const CompactParams& p, const CompactTensor& x,
-                                          const Tile& d, int64_t id, unsigned* flags,
-                                          volatile unsigned* s_sink, int64_t* s_wait) {
+// ---- out of place -------------------------------------------------------------------------
+
+// One tile: copy, zero-filling rows [count, rows) when asked. Every thread of the block calls
+// it for the same tile.
+template <int kVec>
+__device__ __forceinline__ void copy_tile(const CompactParams& p, const CompactTensor& x, const Tile& d) {
   using V = typename Bytes<kVec>::type;
   const int64_t row0 = d.row_tile * x.tile_rows;
   const int64_t col0 = d.stripe * x.width;
   const int64_t cols = min(static_cast<int64_t>(x.width), x.row_chunks - col0);
-  const int64_t idx_off = index_offset(p, d);
+  const int64_t idx_off = index_offset(p, d.b, d.h);
   const char* src = x.src + d.b * x.s_sb + d.h * x.s_sh + col0 * kVec;
   char* out = x.out + d.b * x.o_sb + d.h * x.o_sh + col0 * kVec;
 
@@ -217,119 +335,281 @@ __device__ __forceinline__ void copy_tile(const CompactParams& p, const CompactT
   for (int u = 0; u < kUnroll; ++u) {
     src_row[u] = row[u] < x.rows ? p.indices[idx_off + row[u]] : -1;
   }
-  const int64_t count = segment_count(p, d);
-  // In place, a tile past the count has nothing to move. It is never awaited with consistent
-  // inputs, but publishes anyway so that no input can leave a waiter spinning. (The barrier
-  // makes the decision uniform even if the count could change under us; it costs no latency,
-  // the data loads need the index loads anyway.)
-  if (kInPlace && __syncthreads_and(row0 >= count)) {
-    if (threadIdx.x == 0) release_flag(flags + id);
-    return;
-  }
-  const int64_t end = kInPlace ? min(row0 + x.tile_rows, count) : (p.zero_tail ? x.rows : count);
+  const int64_t count = segment_count(p, d.b, d.h);
+  const int64_t end = p.zero_tail ? x.rows : count;
   const char* from[kUnroll];
   char* to[kUnroll];
-  bool moving = false;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t i = row[u];
     const int64_t c = static_cast<int64_t>(col[u]) * kVec;
     const int64_t s = clamp64(src_row[u], 0, p.N - 1);
-    const bool copy = i < end && i < count && !(kInPlace && s == i);  // in place: s == i stays
+    const bool copy = i < end && i < count;
     from[u] = copy ? src + s * x.s_sn + c : nullptr;
-    to[u] = copy || (!kInPlace && i < end) ? out + i * x.o_sn + c : nullptr;  // else zero fill
-    moving |= copy;
+    to[u] = copy || i < end ? out + i * x.o_sn + c : nullptr;  // else zero fill
   }
   V v[kUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) v[u] = from[u] ? load<V, !kInPlace>(from[u]) : V{};
-
-  if constexpr (kInPlace) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t rt = d.row_tile;
-    if (warp < 2 && rt > 0) {
-      // Earlier row tiles k < rt (rows [k R, k R + R), all < row0 < count) that may read
-      // [row0, end): those whose last source reaches row0 and whose first source is below end.
-      const IndexArray idx = p.indices;
-      const int64_t R = x.tile_rows;
-      int64_t bound;
-      if (warp == 0) {
-        bound = warp_count_below(rt, row0, [&](int64_t k) { return idx[idx_off + k * R + R - 1]; }, lane);
-      } else {
-        bound = warp_count_below(rt, end, [&](int64_t k) { return idx[idx_off + k * R]; }, lane) - 1;
-      }
-      if (lane == 0) s_wait[warp] = bound;  // the awaited row tiles are [s_wait[0], s_wait[1]]
-    }
-    // Consume the loaded data, so that every load of the tile has returned before barrier 1
-    // (the flag then orders nothing still in flight; the memory model asks only for the
-    // barrier and the release, as in a cooperative grid barrier).
-    unsigned folded = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) folded ^= fold(v[u]);
-    s_sink[threadIdx.x] = folded;
-    const bool any_moving = __syncthreads_or(moving);  // barrier 1
-    if (threadIdx.x == 0) {
-      __threadfence();
-      release_flag(flags + id);  // this tile's reads are done
-    }
-    if (!any_moving) return;  // nothing to write (uniform), so nothing to wait for
-    if (warp == 0 && rt > 0) {
-      for (int64_t k = s_wait[0] + lane; k <= s_wait[1]; k += 32) {
-        const unsigned* f = flags + d.seg_first + k * x.stripes + d.stripe;
-        while (acquire_flag(f) == 0u) __nanosleep(64);
-      }
-      __threadfence();
-    }
-    __syncthreads();  // barrier 2: the awaited readers are done before any store below
-  }
+  for (int u = 0; u < kUnroll; ++u) v[u] = from[u] ? load<V, true>(from[u]) : V{};
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (to[u]) *reinterpret_cast<V*>(to[u]) = v[u];
   }
 }
 
-template <bool kInPlace>
-__device__ __forceinline__ void dispatch_tile(const CompactParams& p, const Tile& d, int64_t id,
-                                              unsigned* flags, volatile unsigned* s_sink,
-                                              int64_t* s_wait) {
-  const CompactTensor& x = p.t[d.t];
-  switch (x.vec) {
-    case 16: copy_tile<16, kInPlace>(p, x, d, id, flags, s_sink, s_wait); break;
-    case 8: copy_tile<8, kInPlace>(p, x, d, id, flags, s_sink, s_wait); break;
-    case 4: copy_tile<4, kInPlace>(p, x, d, id, flags, s_sink, s_wait); break;
-    case 2: copy_tile<2, kInPlace>(p, x, d, id, flags, s_sink, s_wait); break;
-    default: copy_tile<1, kInPlace>(p, x, d, id, flags, s_sink, s_wait); break;
-  }
-}
-
 // Out of place: a grid-stride loop over the tiles (no dependencies between tiles).
 __global__ void __launch_bounds__(kThreads) compact_gather(const CompactParams p) {
   for (int64_t id = blockIdx.x; id < p.total_tiles; id += gridDim.x) {
-    dispatch_tile<false>(p, decode_tile(p, id), id, nullptr, nullptr, nullptr);
+    const Tile d = decode_tile(p, id);
+    const CompactTensor& x = p.t[d.t];
+    switch (x.vec) {
+      case 16: copy_tile<16>(p, x, d); break;
+      case 8: copy_tile<8>(p, x, d); break;
+      case 4: copy_tile<4>(p, x, d); break;
+      case 2: copy_tile<2>(p, x, d); break;
+      default: copy_tile<1>(p, x, d); break;
+    }
   }
 }
 
-// In place: tiles in ticket order. workspace: [ticket, one flag per tile], zeroed per launch.
-// Thread 0 takes the block's next ticket while the current tile runs, hiding the atomic's
-// latency. Progress: the lowest unfinished ticket is held by a block that is running it (a
-// prefetched ticket is always higher than its block's current one), and it waits only for
-// lower, hence finished, tiles.
-__global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams p, unsigned* workspace) {
-  __shared__ int64_t s_id;
-  __shared__ int64_t s_wait[2];
-  __shared__ unsigned s_sink[kThreads];
-  unsigned* flags = workspace + 1;
-  unsigned next = threadIdx.x == 0 ? atomicAdd(workspace, 1u) : 0u;
-  while (true) {
-    __syncthreads();  // the previous tile is done with s_id and s_wait
-    if (threadIdx.x == 0) {
-      s_id = next;
-      next = atomicAdd(workspace, 1u);
+// ---- in place -----------------------------------------------------------------------------
+
+// Pre-pass: zeroes the ticket and the flags; per index row (one warp each), the identity
+// prefix P (the number of leading rows with src(i) == i, a 32-way search: the predicate is a
+// prefix for ascending indices, and any result in [0, count] is safe for bad ones) and the
+// clamped count; per block, the most rows any of its segments moves.
+__global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams p, const CompactWorkspace w) {
+  __shared__ int64_t s_max[kWarps];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.total_tiles; i += stride) {
+    w.flags[i] = 0u;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *w.ticket = 0u;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  int64_t moves = 0;
+  if (r < compact_index_rows(p)) {  // warp-uniform
+    const int64_t b = r / p.idx_H, h = r - b * p.idx_H;
+    const int64_t off = index_offset(p, b, h);
+    const int64_t count = segment_count(p, b, h);
+    const IndexArray idx = p.indices;
+    const int64_t start = warp_count_below(count, 1, [&](int64_t k) { return idx[off + k] != k ? 1 : 0; }, lane);
+    if (lane == 0) {
+      w.segments[2 * r] = start;
+      w.segments[2 * r + 1] = count;
     }
+    moves = count - start;
+  }
+  moves = warp_max(moves);
+  if (lane == 0) s_max[warp] = moves;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kWarps; ++i) moves = max(moves, s_max[i]);
+    w.block_max[blockIdx.x] = moves;
+  }
+}
+
+// A tile whose loads are in flight, block-uniform part (in shared memory, written by thread 0;
+// each thread keeps only a mask of its chunks that move): enough to store it later.
+struct TileMeta {
+  char* out;       // row 0, first column of the tile's stripe
+  int64_t row0;    // first destination row
+  int64_t o_sn;    // row stride in bytes
+  int64_t id, row_tile, round_stride;
+  int width, vec;
+};
+
+// Issues the loads of tile d (id) into buf (chunk l of the tile at byte l * vec, a slot of the
+// thread that stores it) and returns the mask of this thread's chunks that move; thread 0
+// fills `meta`, warps 0 and 1 find the row tiles [a, b] to await into s_wait (read only when
+// some chunk moves and row_tile > 0).
+template <int kVec>
+__device__ __forceinline__ unsigned load_tile(const CompactParams& p, const CompactWorkspace& w, const Tile& d,
+                                              int64_t id, char* buf, int64_t* s_wait, TileMeta* meta) {
+  using V = typename Bytes<kVec>::type;
+  const CompactTensor& x = p.t[d.t];
+  const int64_t seg_row = d.b * p.idx_H + (p.per_head ? d.h : 0);
+  const int64_t start = __ldg(w.segments + 2 * seg_row);  // written by compact_prepare
+  const int64_t count = __ldg(w.segments + 2 * seg_row + 1);
+  const int64_t R = x.tile_rows;
+  const int64_t row0 = start + d.row_tile * R;
+  const int64_t col0 = d.stripe * x.width;
+  const int64_t cols = min(static_cast<int64_t>(x.width), x.row_chunks - col0);
+  const int64_t idx_off = index_offset(p, d.b, d.h);
+  const IndexArray idx = p.indices;
+  const char* src = x.src + d.b * x.s_sb + d.h * x.s_sh + col0 * kVec;
+  char* out = x.out + d.b * x.o_sb + d.h * x.o_sh + col0 * kVec;
+
+  // Tile-local row and column of each chunk (-1: none); all index loads, then all data loads.
+  int r[kUnroll], col[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int l = threadIdx.x + u * kThreads;
+    r[u] = l / x.width;
+    col[u] = l - r[u] * x.width;
+    if (r[u] >= R || col[u] >= cols || row0 + r[u] >= count) r[u] = -1;
+  }
+  int64_t src_row[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) src_row[u] = r[u] >= 0 ? idx[idx_off + row0 + r[u]] : -1;
+  unsigned mask = 0;
+  V v[kUnroll];  // narrow rows only: plain loads (all in flight together), then shared stores
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t s = clamp64(src_row[u], 0, p.N - 1);
+    const bool move = r[u] >= 0 && s != row0 + r[u];  // rows with src(i) == i stay
+    const char* from = src + s * x.s_sn + static_cast<int64_t>(col[u]) * kVec;
+    mask |= move ? 1u << u : 0u;
+    if constexpr (kVec == 16) {
+      if (move) cp_async16(buf + (threadIdx.x + u * kThreads) * kVec, from);
+    } else {
+      v[u] = move ? load<V, false>(from) : V{};
+    }
+  }
+  if constexpr (kVec != 16) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (mask & (1u << u)) *reinterpret_cast<V*>(buf + (threadIdx.x + u * kThreads) * kVec) = v[u];
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rt = d.row_tile;
+  if (warp < 2 && rt > 0 && row0 < count) {
+    // Earlier row tiles k < rt (rows [start + k R, start + k R + R), all < row0 < count) that
+    // may read [row0, end): those whose last source reaches row0 and whose first source is
+    // below end. Both keys are nondecreasing in k for ascending indices.
+    const int64_t end = min(row0 + R, count);
+    const int64_t base = idx_off + start;
+    int64_t bound;
+    if (warp == 0) {
+      bound = warp_count_below(rt, row0, [&](int64_t k) { return idx[base + k * R + R - 1]; }, lane);
+    } else {
+      bound = warp_count_below(rt, end, [&](int64_t k) { return idx[base + k * R]; }, lane) - 1;
+    }
+    if (lane == 0) s_wait[warp] = bound;  // the awaited row tiles are [s_wait[0], s_wait[1]]
+  }
+  if (threadIdx.x == 0) *meta = TileMeta{out, row0, x.o_sn, id, rt, d.round_stride, x.width, kVec};
+  return mask;
+}
+
+// Stores this thread's moving chunks (mask) of a tile from buf.
+template <int kVec>
+__device__ __forceinline__ void store_tile(const TileMeta& m, unsigned mask, const char* buf) {
+  using V = typename Bytes<kVec>::type;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (mask & (1u << u)) {
+      const int l = threadIdx.x + u * kThreads;
+      const int r = l / m.width;
+      const int64_t c = static_cast<int64_t>(l - r * m.width) * kVec;
+      *reinterpret_cast<V*>(m.out + (m.row0 + r) * m.o_sn + c) = *reinterpret_cast<const V*>(buf + l * kVec);
+    }
+  }
+}
+
+// In place: tiles in ticket order, two in flight per block (module comment). The tickets count
+// only the tiles of rounds that some segment needs: the rounds of a group beyond the longest
+// move (block_max) are skipped.
+__global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams p, const CompactWorkspace w) {
+  __shared__ alignas(16) char s_buf[2][kTileChunks * 16];
+  __shared__ int64_t s_id[2];
+  __shared__ int64_t s_wait[2][2];
+  __shared__ TileMeta s_meta[2];
+  __shared__ int64_t s_tiles[kMaxCompactTensors];  // tiles handed out per group
+  __shared__ int64_t s_max[kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  int64_t most = 0;
+  for (int64_t i = threadIdx.x; i < w.prep_blocks; i += kThreads) most = max(most, __ldg(w.block_max + i));
+  most = warp_max(most);
+  if (lane == 0) s_max[warp] = most;
+  __syncthreads();
+  // Thread 0 alone takes tickets: a ticket v maps to the v-th tile of the rounds with work.
+  auto take = [&]() -> int64_t {
+    int64_t v = atomicAdd(w.ticket, 1u);
+    for (int g = 0; g < p.num_tensors; ++g) {
+      if (p.group[g] != g) continue;
+      if (v < s_tiles[g]) return p.t[g].first_tile + v;
+      v -= s_tiles[g];
+    }
+    return -1;  // none left
+  };
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kWarps; ++i) most = max(most, s_max[i]);
+    for (int g = 0; g < p.num_tensors; ++g) {
+      const CompactTensor& x = p.t[g];
+      const int64_t rounds = min(x.row_tiles, (most + x.tile_rows - 1) / x.tile_rows);
+      s_tiles[g] = p.group[g] == g ? rounds * p.B * x.H * x.stripes * p.group_size[g] : 0;
+    }
+    s_id[0] = take();
+  }
+  __syncthreads();
+
+  auto load = [&](int64_t id, int s) {
+    const Tile d = decode_move_tile(p, id);
+    unsigned mask = 0;
+    with_vec(p.t[d.t].vec, [&](auto vec) {
+      mask = load_tile<decltype(vec)::value>(p, w, d, id, s_buf[s], s_wait[s], &s_meta[s]);
+    });
+    return mask;
+  };
+  // Warp 0: whether every awaited flag of the tile in stage st is set (spin: until it is).
+  auto awaited = [&](int st, bool spin) {
+    const TileMeta& m = s_meta[st];
+    bool done = true;
+    if (m.row_tile > 0) {
+      const int64_t first = m.id - m.row_tile * m.round_stride;  // row tile 0 of the column
+      for (int64_t k = s_wait[st][0] + lane; k <= s_wait[st][1]; k += 32) {
+        const unsigned* f = w.flags + first + k * m.round_stride;
+        if (spin) {
+          while (acquire_flag(f) == 0u) __nanosleep(64);
+        } else if (acquire_flag(f) == 0u) {
+          done = false;
+        }
+      }
+      __threadfence();
+    }
+    return __all_sync(0xffffffffu, done);
+  };
+  auto publish = [&](int st) {  // thread 0, after a barrier that follows all loads of the tile
+    __threadfence();
+    release_flag(w.flags + s_meta[st].id);
+  };
+
+  int s = 0;
+  if (s_id[0] < 0) return;  // uniform
+  unsigned cur = load(s_id[0], 0);  // this thread's moving chunks of the current tile
+  cp_async_commit();
+  bool published = false;  // the current tile's flag is already set (uniform)
+  while (true) {
+    // s_id[s ^ 1] was last read before the previous iteration's barriers.
+    if (threadIdx.x == 0) s_id[s ^ 1] = take();
     __syncthreads();
-    const int64_t id = s_id;
-    if (id >= p.total_tiles) return;
-    dispatch_tile<true>(p, decode_tile(p, id), id, flags, s_sink, s_wait);
+    const int64_t next_id = s_id[s ^ 1];
+    const unsigned next = next_id >= 0 ? load(next_id, s ^ 1) : 0u;
+    cp_async_commit();  // possibly empty: the group of `cur` is then never the newest
+    cp_async_wait_one();  // this thread's loads of `cur` have landed
+    const bool any = __syncthreads_or(cur != 0u);  // every load of `cur` has returned
+    if (threadIdx.x == 0 && !published) publish(s);  // this tile's reads are done
+    published = false;
+    if (any) {  // uniform
+      const bool ready = __syncthreads_and(warp != 0 || awaited(s, false));
+      if (!ready) {
+        // Some awaited tile is still reading. Finish and publish the next tile's loads first,
+        // so that no tile's flag ever waits for another flag, then spin.
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (threadIdx.x == 0 && next_id >= 0) publish(s ^ 1);
+        published = true;
+        if (warp == 0) awaited(s, true);
+        __syncthreads();  // the awaited readers are done before any store below
+      }
+      const TileMeta& m = s_meta[s];
+      with_vec(m.vec, [&](auto vec) { store_tile<decltype(vec)::value>(m, cur, s_buf[s]); });
+    }
+    if (next_id < 0) return;  // uniform
+    cur = next;
+    s ^= 1;
   }
 }
 
@@ -339,6 +619,12 @@ inline int64_t resident_blocks() {
   static const int per_sm = [] {
     int n = 0;
     if (kInPlace) {
+      // 4 blocks x 34 KB of shared memory per SM: ask for the largest carveout (a hint; the
+      // kernel reads around L1 anyway), so that the driver does not pick a smaller one.
+      if (cudaFuncSetAttribute(compact_move, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
+        cudaGetLastError();  // only a hint: clear its error, so that no launch check reports it
+      }
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_move, kThreads, 0);
     } else {
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_gather, kThreads, 0);
@@ -362,16 +648,17 @@ inline cudaError_t launch_compact(const CompactParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Words of zeroed workspace that launch_compact_inplace needs.
-inline int64_t compact_inplace_workspace_words(const CompactParams& p) { return 1 + p.total_tiles; }
-
-// In place (p.t[i].src == .out, same strides); workspace zeroed, compact_inplace_workspace_words.
-inline cudaError_t launch_compact_inplace(const CompactParams& p, unsigned* workspace,
-                                          cudaStream_t stream) {
+// In place (p.t[i].src == .out, same strides; plan_compact_inplace applied); `words`: an
+// uninitialised buffer of compact_inplace_workspace_words(p) int64 words.
+inline cudaError_t launch_compact_inplace(const CompactParams& p, int64_t* words, cudaStream_t stream) {
   using namespace compact_detail;
   if (p.total_tiles == 0) return cudaSuccess;
+  const CompactWorkspace w = compact_inplace_workspace(p, words);
+  compact_prepare<<<static_cast<unsigned>(w.prep_blocks), kThreads, 0, stream>>>(p, w);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   const int64_t grid = min(p.total_tiles, resident_blocks<true>());
-  compact_move<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, workspace);
+  compact_move<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, w);
   return cudaGetLastError();
 }
 
