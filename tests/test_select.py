@@ -144,12 +144,12 @@ def test_nan_and_negative_scores(device):
 
 # ---- CUDA strategies ------------------------------------------------------------------------
 # The CUDA kernel picks its strategy from N: one 64-thread CTA per segment (N <= 1024), one
-# 128-thread CTA (N <= 2048), one 256-thread CTA (N <= 8192), 512-thread CTAs holding 64 KB slices
-# (16384 float32 / 32768 16-bit scores) in shared memory, in clusters of up to 8 CTAs per segment,
-# and beyond 8 slices the slices are re-read from global memory. These widths hit every class
-# and its boundaries.
-STRATEGY_N = [1, 33, 768, 1024, 1025, 2048, 2049, 4096, 8192, 8193, 16384, 16385, 32768, 40000,
-              70001]
+# 128-thread CTA (N <= 4096), one 256-thread CTA (N <= 8192), one large CTA (1024 threads for
+# float32, 512 for 16-bit) holding up to 32768 keys in shared memory (N <= 32768), clusters of up
+# to 8 large CTAs (N <= 262144), and beyond 8 slices the slices are re-read from global memory.
+# These widths hit every class and its boundaries.
+STRATEGY_N = [1, 33, 768, 1024, 1025, 2048, 2049, 4096, 4097, 8192, 8193, 16384, 32768, 32769,
+              40000, 70001]
 
 
 @pytest.mark.cuda
@@ -172,8 +172,9 @@ def test_cuda_strategies(N, dtype, by_mass):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("S,N,dtype", [(32, 131072, torch.float32), (8, 131072, torch.bfloat16),
-                                       (3, 140000, torch.float32), (2, 300000, torch.bfloat16),
-                                       (2, 270000, torch.float16), (40, 16384, torch.float32)])
+                                       (3, 140000, torch.float32), (2, 262144, torch.float32),
+                                       (2, 300000, torch.bfloat16), (2, 270000, torch.float16),
+                                       (40, 16384, torch.float32)])
 @pytest.mark.parametrize("by_mass", [True, False])
 def test_large_cuda(S, N, dtype, by_mass):
     """Full-length segments of the clustered and the global-memory (unstaged) strategies."""
@@ -184,9 +185,10 @@ def test_large_cuda(S, N, dtype, by_mass):
 
 @pytest.mark.cuda
 def test_cuda_unstaged_small_batch():
-    """The global-memory strategy (N > 8 slices) with ragged lengths, under the sanitizers too."""
+    """The global-memory strategy (N > 8 slices of 32768) with ragged lengths, under the
+    sanitizers too."""
     for by_mass in (True, False):
-        run_case("cuda", 7, 2, 140000, torch.float32, False, by_mass, "tensor", 4, 100, 16, "tight")
+        run_case("cuda", 7, 2, 262145, torch.float32, False, by_mass, "tensor", 4, 100, 16, "tight")
 
 
 @pytest.mark.cuda

@@ -1,34 +1,30 @@
-// Segmented top-p / top-k selection (docs/ops.md): a sort-free radix select on the 32-bit order
-// keys, then an order-preserving compaction of the kept positions.
+// Segmented top-p / top-k selection (docs/ops.md): a sort-free radix select on order keys, then
+// an order-preserving compaction of the kept positions. Costs and measurements: docs/perf/select.md.
 //
 // One segment per CTA, or per thread-block cluster of up to 8 CTAs for long segments (each CTA
-// owns a slice of positions; histograms are merged through distributed shared memory). Each CTA
-// copies its slice of the scores to shared memory once (as order keys for float32, raw 16-bit
-// values otherwise), so the later passes cost no global traffic; slices too long for that are
-// re-read from global memory in every pass instead.
+// owns a slice of positions; histograms merge through distributed shared memory). Each CTA turns
+// its slice into order keys once, in the same sweep that builds the first histogram, and keeps
+// them in shared memory (forced positions as key 0, which no score maps to); slices too long for
+// that re-read global memory in every pass instead.
 //
-// Per segment:
-//  1. min and max candidate key. Their common leading bits are shared by every candidate, so
-//     the radix passes start below them (fewer passes, fewer histogram collisions).
-//  2. top-p: masses become exact 64-bit fixed-point integers (ceil(m * 2^(Bq - e_max))), so the
-//     histogram sums are exact and order-independent: the result is deterministic and the
-//     search is consistent (each pass's bins sum exactly to the bin chosen before). Radix
-//     passes of kBits digits (a histogram of the mass, a scan from the top bin) find the key t
-//     where the descending cumulative mass first reaches W = ceil(p * T); the number of ties at
-//     t needed follows by one integer division. A tally gives r.
-//  3. floor and cap on r; if they change r (or for top-k) the same radix passes over counts
-//     find the key t of the r-th candidate and how many ties at t to keep.
-//  4. output: a tile-wise block scan of (sure, tie) counts gives every kept position its slot:
-//     slot(x) = sure_before(x) + min(ties_before(x), ties_needed), ties kept lowest position
-//     first; then -1 padding and the count.
+// Radix passes use 256-bin histograms. A pass sweeps the keys, merges the histograms (one
+// cluster barrier; each rank's bins are read once, coalesced), scans the bins from the top and
+// picks the bin where the running weight crosses the target.
+//  - top-p: exact integer masses. The first digit is the float exponent, so all elements of a
+//    bin share it and a bin's mass is an exact integer sum of mantissas. To find the crossing bin
+//    the bins are quantized to one fixed point, ceil(S * 2^k) with k relative to the top bin
+//    (error < 2^-30 of the total); the target left inside the chosen bin becomes a mantissa sum,
+//    and the passes below it (mantissa digits) work on exact sums. Exact and order-free: every
+//    CTA of a cluster reaches the same cut, and the same input gives the same output every run.
+//  - top-k (and the floor / cap of top-p): counts over 8-bit digits from the top of the key.
+//  The last pass also counts, per rank, the candidates above the cut and at it: the tally that r
+//  and the output offsets need, without another sweep.
+// Output: every warp owns a contiguous chunk of positions; it counts its kept positions, then
+// writes them in order 32 positions a step with ballots (no block-wide scan per tile); -1
+// padding with 16-byte stores.
 #pragma once
 
-#include <cooperative_groups.h>
-
-#include <cub/block/block_scan.cuh>
-
 #include <cstring>
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -52,132 +48,176 @@ struct SelectParams {
 struct SelectLaunch {
   int cluster;  // 1..kSelectMaxCluster; > 1 launches thread-block clusters
   int slice;    // multiple of 16, cluster * slice >= N
-  bool staged;  // the slice is copied to shared memory once (else re-read in every pass)
 };
 
-constexpr int kSelectMaxCluster = 8;           // portable cluster size
-constexpr int kSelectStageBytes = 64 * 1024;   // staged slice of the large configuration
+constexpr int kSelectMaxCluster = 8;       // portable cluster size
+constexpr int kSelectSliceElems = 32768;   // staged slice of the large configuration
 
 namespace select_detail {
 
-namespace cg = cooperative_groups;
 using u64 = unsigned long long;
 
-// What the shared-memory copy of a score holds: the order key for float32 (computed once),
-// the raw bits for 16-bit types (half the space; the key is recomputed per pass).
-template <typename T> struct Stored;
-template <> struct Stored<float> {
-  using type = uint32_t;
-  __device__ static type from(float x) { return order_key(x); }
-  __device__ static uint32_t key(type v) { return v; }
-};
-template <> struct Stored<__half> {
-  using type = uint16_t;
-  __device__ static type from(__half x) { return __half_as_ushort(x); }
-  __device__ static uint32_t key(type v) { return order_key(__half2float(__ushort_as_half(v))); }
-};
-template <> struct Stored<__nv_bfloat16> {
-  using type = uint16_t;
-  __device__ static type from(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-  __device__ static uint32_t key(type v) {
-    return order_key(__bfloat162float(__ushort_as_bfloat16(v)));
+// Order keys (unsigned comparison = score order; NaN as -inf, -0 as +0) and the float layout
+// the top-p masses are read from. 16-bit scores get 16-bit keys (half the shared memory).
+__device__ __forceinline__ uint32_t key16(uint32_t b, uint32_t inf) {
+  if ((b & 0x7fffu) > inf) b = inf | 0x8000u;  // NaN -> -inf
+  if (b == 0x8000u) b = 0;                      // -0 -> +0
+  return (b & 0x8000u) ? (~b & 0xffffu) : (b | 0x8000u);
+}
+template <typename T> struct Keys;
+template <> struct Keys<float> {
+  using Stored = uint32_t;
+  static constexpr int kBits = 32, kMant = 23, kExp = 8;
+  __device__ static uint32_t key(float x) {
+    const float y = fmaxf(x, -__int_as_float(0x7f800000)) + 0.0f;  // NaN -> -inf, -0 -> +0
+    const uint32_t u = __float_as_uint(y);
+    return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   }
 };
-
-// Weights of the two searches. Mass: ceil(max(score, 0) * 2^(Bq - e_max)) as an integer
-// (sb = Bq - e_max - 150 folds in the float exponent bias and mantissa width). Every positive
-// mass maps to >= 1, so p = 1 keeps every positive candidate as the definition does.
-struct MassWeight {
-  static constexpr bool kUnit = false;
-  int sb;
-  __device__ __forceinline__ u64 operator()(uint32_t key) const {
-    if (key <= 0x80000000u) return 0;  // negative, NaN (as -inf) and zero: no mass
-    const uint32_t bits = key & 0x7fffffffu;
-    int e = static_cast<int>(bits >> 23);
-    uint32_t mant = bits & 0x7fffffu;
-    if (e) mant |= 0x800000u; else e = 1;  // denormals
-    const int sh = e + sb;
-    if (sh >= 0) return static_cast<u64>(mant) << sh;
-    if (sh <= -32) return 1;
-    return (static_cast<u64>(mant) + ((1ull << -sh) - 1)) >> -sh;
-  }
+template <> struct Keys<__half> {
+  using Stored = uint16_t;
+  static constexpr int kBits = 16, kMant = 10, kExp = 5;
+  __device__ static uint32_t key(__half x) { return key16(__half_as_ushort(x), 0x7c00u); }
 };
-struct CountWeight {
-  static constexpr bool kUnit = true;
-  __device__ __forceinline__ u64 operator()(uint32_t) const { return 1; }
+template <> struct Keys<__nv_bfloat16> {
+  using Stored = uint16_t;
+  static constexpr int kBits = 16, kMant = 7, kExp = 8;
+  __device__ static uint32_t key(__nv_bfloat16 x) { return key16(__bfloat16_as_ushort(x), 0x7f80u); }
 };
 
-// Result of a search: the cut-off key t, the weight of candidates above it (`base`), at it
-// (`at`), and the target weight W (base < W <= base + at).
-struct Cut {
+// Distributed shared memory through 32-bit shared::cluster addresses.
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ uint32_t map_rank(uint32_t addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ uint32_t ld_cluster(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+// Release / acquire at cluster scope: the histograms written before are visible after.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+__device__ __forceinline__ uint32_t lanemask_lt() {
+  uint32_t m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+// Shared-memory atomics on 32-bit addresses, predicated instead of branched around.
+__device__ __forceinline__ uint32_t atom_add_if(bool pred, uint32_t addr, uint32_t v) {
+  uint32_t old = 0;  // stays 0 when skipped: no carry follows
+  asm volatile(
+      "{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %2, 0;\n\t@q atom.shared.add.u32 %0, [%1], %3;\n\t}"
+      : "+r"(old)
+      : "r"(addr), "r"(static_cast<uint32_t>(pred)), "r"(v)
+      : "memory");
+  return old;
+}
+__device__ __forceinline__ void red_add_if(bool pred, uint32_t addr, uint32_t v) {
+  asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %1, 0;\n\t@q red.shared.add.u32 [%0], %2;\n\t}"
+               :
+               : "r"(addr), "r"(static_cast<uint32_t>(pred)), "r"(v)
+               : "memory");
+}
+
+// ceil(x * 2^s) for x < 2^63 (callers keep x << s in range; empty bins may pass any s).
+__device__ __forceinline__ u64 shift_ceil(u64 x, int s) {
+  if (x == 0) return 0;
+  if (s >= 0) return x << s;
+  if (s <= -64) return 1;
+  return (x >> -s) + ((x & ((1ull << -s) - 1)) != 0 ? 1 : 0);
+}
+
+// One radix pass: a key takes part when (key & mhi) == pval; its digit is (key >> low) & dmask.
+// `above` bounds every key with the prefix: the last pass counts the keys beyond it.
+struct Pass {
+  uint32_t mhi, pval, above, dmask;
+  int low;
+  bool last;
+};
+
+// The chosen bin of a pass: its index, the weight of the bins above it, its weight (quantized
+// in the first top-p pass) and its raw weight.
+struct Pick {
+  u64 above, h, raw;
+  uint32_t d;
+};
+
+// What the output needs: cut key t, ties at t to keep, and candidates above / at t in the ranks
+// before this one.
+struct Final {
   uint32_t t;
-  u64 base, at, target;
+  int need_eq, gt_before, eq_before, gt_total;
 };
 
-struct Tally {  // counts of positions: < N < 2^31
-  int gt_total;     // candidates with key > t in the segment
-  int sure_before;  // forced or key > t, at positions before this CTA's slice
-  int eq_before;    // candidates with key == t before this CTA's slice
-};
-
-template <typename T, int kThreads, int kBits>
+template <typename T, int kThreads, bool kMulti, bool kStaged>
 struct RadixSelect {
-  static constexpr int kBins = 1 << kBits;
+  using K = Keys<T>;
+  using Stored = typename K::Stored;
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kBinsPerThread = kBins >= kThreads ? kBins / kThreads : 1;
-  static constexpr int kChunks = kBins / kBinsPerThread;  // threads that scan bins
-  static_assert(kThreads % 32 == 0 && kChunks <= kThreads, "bad configuration");
-  using St = Stored<T>;
-  using S = typename St::type;
-  // Warp scans plus one barrier: cheaper than raking for these small scans.
-  using ScanU64 = cub::BlockScan<u64, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
-  using ScanU32 = cub::BlockScan<uint32_t, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  static constexpr int kBins = 256;
+  static constexpr int kBpt = kBins >= kThreads ? kBins / kThreads : 1;  // bins per scan thread
+  static constexpr int kScanThreads = kBins / kBpt;
+  static constexpr int kScanWarps = kScanThreads / 32;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(Stored));  // keys per 16-byte vector
+  static constexpr int kUnroll = 4;  // 16-byte global loads in flight per thread while loading
+  static constexpr uint32_t kSign = 1u << (K::kBits - 1);
+  static constexpr uint32_t kFrac = (1u << K::kMant) - 1;
+  static constexpr uint32_t kExpField = ((1u << K::kExp) - 1) << K::kMant;
+  static constexpr uint32_t kExpTop = (1u << K::kExp) - 1;  // inf (NaN became -inf)
+  static constexpr uint32_t kImp = 1u << K::kMant;
+  // Histogram buffer (u32 words): mass low words, mass high words, counts, the above-count.
+  static constexpr int kLo = 0, kHi = kBins, kCnt = 2 * kBins, kAbove = 3 * kBins;
+  static constexpr int kHistWords = 3 * kBins + 4;
+  // Clustered: double-buffered (the next pass may start while other ranks still read this one).
+  // Single CTA: one buffer, cleared by the threads that read it.
+  static constexpr int kBuffers = kMulti ? 2 : 1;
+  static constexpr size_t kHistBytes = static_cast<size_t>(kBuffers) * kHistWords * 4;
+  static_assert(kThreads % 32 == 0 && kScanThreads <= kThreads && kScanWarps >= 1, "bad config");
 
   struct Shared {
-    union {
-      typename ScanU64::TempStorage s64;
-      typename ScanU32::TempStorage s32;
-    } scan;
-    ulonglong2 red[kWarps];
-    Cut cut;
+    u64 wsum[kScanWarps];
+    uint32_t red[kWarps][2];
+    uint32_t wcnt[kWarps][2];
+    uint32_t eq_before;
+    Pick pick;
   };
 
-  // Dynamic shared memory: histograms [2 buffers][lo, hi words][kBins] u32, exchange slots
-  // [3][kSelectMaxCluster] ulonglong2, then the staged slice.
-  static constexpr size_t kHistBytes = 2 * 2 * kBins * sizeof(uint32_t);
-  static constexpr size_t kXchgBytes = 3 * kSelectMaxCluster * sizeof(ulonglong2);
   static size_t smem_bytes(const SelectLaunch& L) {
-    return kHistBytes + kXchgBytes + (L.staged ? static_cast<size_t>(L.slice) * sizeof(S) : 0);
+    return kHistBytes + (kStaged ? static_cast<size_t>(L.slice) * sizeof(Stored) : 0);
   }
 
   const SelectParams& p;
-  const SelectLaunch& L;
   Shared& sh;
-  int seg, rank, tid;
+  int seg, rank, ranks, tid, lane, warp;
   int len, n_sink, rstart, forced, n_cand;  // segment geometry (uniform over the cluster)
   int lo, hi;                               // this CTA's positions [lo, hi)
   int c_lo, c_hi;                           // its candidates [c_lo, c_hi) (may be empty)
-  int pass = 0;                             // histogram passes so far: picks the buffer
-  uint32_t kmin = 0, kmax = 0;              // candidate key range of the segment
+  int pass = 0;                             // sweeps so far: picks the histogram buffer
 
-  // The dynamic shared memory, addressed through its symbol (32-bit shared addressing, no
-  // pointer registers).
   __device__ static unsigned char* dyn() {
     extern __shared__ __align__(16) unsigned char select_dyn_smem[];
     return select_dyn_smem;
   }
-  __device__ static uint32_t* hist() { return reinterpret_cast<uint32_t*>(dyn()); }
-  __device__ static ulonglong2* xchg() { return reinterpret_cast<ulonglong2*>(dyn() + kHistBytes); }
-  __device__ static S* stage() { return reinterpret_cast<S*>(dyn() + kHistBytes + kXchgBytes); }
+  __device__ static uint32_t* hist(int b) { return reinterpret_cast<uint32_t*>(dyn()) + b * kHistWords; }
+  __device__ static Stored* stage() { return reinterpret_cast<Stored*>(dyn() + kHistBytes); }
   __device__ const T* row() const {
     return static_cast<const T*>(p.scores) + static_cast<int64_t>(seg) * p.row_stride;
   }
 
-  __device__ RadixSelect(const SelectParams& p_, const SelectLaunch& L_, Shared& sh_)
-      : p(p_), L(L_), sh(sh_) {
+  __device__ RadixSelect(const SelectParams& p_, const SelectLaunch& L, Shared& sh_) : p(p_), sh(sh_) {
     tid = threadIdx.x;
-    seg = blockIdx.x / L.cluster;   // S * cluster < 2^31 (checked by the launcher)
-    rank = blockIdx.x % L.cluster;  // == cluster block rank for 1-D clusters
+    lane = tid & 31;
+    warp = tid >> 5;
+    ranks = kMulti ? L.cluster : 1;
+    seg = blockIdx.x / ranks;   // S * cluster < 2^31 (checked by the launcher)
+    rank = blockIdx.x % ranks;  // == cluster block rank for 1-D clusters
     const int64_t l = clamp64(p.lengths[seg], 0, p.N);
     const int64_t ns = p.sink < l ? p.sink : l;
     const int64_t rs = l - p.recent > ns ? l - p.recent : ns;
@@ -192,316 +232,527 @@ struct RadixSelect {
     c_hi = min(hi, rstart);
   }
 
-  __device__ __forceinline__ bool multi() const { return L.cluster > 1; }
+  // Forced positions / candidates before position x.
+  __device__ int forced_before(int x) const { return min(x, n_sink) + max(min(x, len) - rstart, 0); }
+  __device__ int cand_before(int x) const { return max(min(x, rstart) - n_sink, 0); }
 
-  __device__ __forceinline__ void sync_cluster() const {
-    if (multi()) cg::this_cluster().sync();
-    else __syncthreads();
-  }
-
+  // Key of position i in [lo, hi): 0 for forced positions.
   __device__ __forceinline__ uint32_t key_at(int i) const {
-    return L.staged ? St::key(stage()[i - lo]) : order_key(to_float(row()[i]));
-  }
-
-  // Both components reduced with `op` over the CTA; every thread gets the result.
-  template <class Op>
-  __device__ ulonglong2 block_allreduce(ulonglong2 v, Op op) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      v.x = op(v.x, __shfl_xor_sync(0xffffffffu, v.x, o));
-      v.y = op(v.y, __shfl_xor_sync(0xffffffffu, v.y, o));
-    }
-    if ((tid & 31) == 0) sh.red[tid >> 5] = v;
-    __syncthreads();
-    v = sh.red[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      v.x = op(v.x, sh.red[w].x);
-      v.y = op(v.y, sh.red[w].y);
-    }
-    __syncthreads();  // sh.red is reused
-    return v;
-  }
-
-  // Every CTA of the segment contributes a CTA-uniform v; afterwards slot `which` holds the
-  // contribution of every rank (read it locally). Each `which` is used at most once.
-  __device__ const ulonglong2* gather(ulonglong2 v, int which) {
-    ulonglong2* slots = xchg() + which * kSelectMaxCluster;
-    if (!multi()) {
-      if (tid == 0) slots[0] = v;
-      __syncthreads();
+    if constexpr (kStaged) {
+      return stage()[i - lo];
     } else {
-      cg::cluster_group cl = cg::this_cluster();
-      if (tid < L.cluster) *cl.map_shared_rank(slots + rank, tid) = v;
-      cl.sync();
+      return (i < n_sink || i >= rstart) ? 0u : K::key(row()[i]);
     }
-    return slots;
+  }
+  __device__ static __forceinline__ void unpack(const uint4& raw, uint32_t (&k)[kVec]) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kVec == 4) {
+        k[j] = w[j];
+      } else {
+        k[2 * j] = w[j] & 0xffffu;
+        k[2 * j + 1] = w[j] >> 16;
+      }
+    }
+  }
+  __device__ static __forceinline__ uint4 pack(const uint32_t (&k)[kVec]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = kVec == 4 ? k[j] : (k[2 * j] | (k[2 * j + 1] << 16));
+    return make_uint4(w[0], w[1], w[2], w[3]);
   }
 
-  // 1. Zero the first histogram, stage the slice and reduce the candidate key range.
-  __device__ void load() {
-    for (int i = tid; i < 2 * kBins; i += kThreads) hist()[i] = 0;
-    uint32_t mx = 0, mn = 0xffffffffu;
-    auto note = [&](int i, uint32_t key) {
-      if (i >= c_lo && i < c_hi) {
-        mx = max(mx, key);
-        mn = min(mn, key);
+  // ---- sweeps ----------------------------------------------------------------------------
+
+  // Adds keys to histogram h: mass (64-bit mantissa sums in two words: the add that wraps the
+  // low word carries into the high one; native 32-bit atomics) and / or counts; the last pass
+  // also counts keys above the prefix. Dense (the first pass: nearly every key takes part):
+  // predicated atomics, no branches. Sparse (later passes: few keys match): the work happens
+  // only for matching keys, and a warp with none skips it.
+  template <bool kMass, bool kCount, bool kLast, bool kDense, int kN>
+  __device__ __forceinline__ void add(const uint32_t (&k)[kN], const Pass& s, uint32_t h,
+                                      uint32_t& above) const {
+    bool m[kN];
+    bool any = false;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      m[j] = k[j] != 0 && (k[j] & s.mhi) == s.pval;
+      any |= m[j];
+      if constexpr (kLast) above += k[j] > s.above ? 1u : 0u;
+    }
+    auto one = [&](int j, bool pred) {
+      const uint32_t d = (k[j] >> s.low) & s.dmask;
+      if constexpr (kMass) {
+        const uint32_t w = (k[j] & kFrac) | ((k[j] & kExpField) ? kImp : 0u);  // denormals: no implicit bit
+        const uint32_t old = atom_add_if(pred, h + 4 * (kLo + d), w);
+        red_add_if(pred && old + w < old, h + 4 * (kHi + d), 1u);
       }
+      if constexpr (kCount) red_add_if(pred, h + 4 * (kCnt + d), 1u);
     };
-    if (L.staged) {
-      constexpr int kVec = 16 / sizeof(T);
-      const T* row = this->row();
-      S* stage = this->stage();
-      const int n_here = hi - lo;
-      const bool vec = reinterpret_cast<uintptr_t>(row + lo) % 16 == 0;
-      const int n_vec = vec ? n_here / kVec : 0;
-      for (int v = tid; v < n_vec; v += kThreads) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(row + lo + v * kVec);
+    if constexpr (kDense) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) one(j, m[j]);
+    } else if (any) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        if (m[j]) one(j, true);
+      }
+    }
+  }
+
+  // The last pass also publishes how many keys lie above the prefix.
+  template <bool kLast>
+  __device__ void finish_sweep(uint32_t h, uint32_t above) {
+    if constexpr (kLast) {
+      above = __reduce_add_sync(0xffffffffu, above);
+      red_add_if(lane == 0 && above != 0, h + 4 * kAbove, above);
+    }
+    ++pass;
+  }
+
+  // A later pass over the staged keys (or the row, unstaged).
+  template <bool kMass, bool kLast>
+  __device__ void sweep(const Pass& s) {
+    constexpr bool kCount = kLast || !kMass;
+    const uint32_t h = smem_addr(hist(kMulti ? (pass & 1) : 0));
+    uint32_t above = 0;
+    if constexpr (kStaged) {
+      const uint4* st = reinterpret_cast<const uint4*>(stage());
+      const int nv = (max(hi - lo, 0) + kVec - 1) / kVec;
+#pragma unroll 2
+      for (int v = tid; v < nv; v += kThreads) {
+        uint32_t k[kVec];
+        unpack(st[v], k);
+        add<kMass, kCount, kLast, false>(k, s, h, above);
+      }
+    } else {
+      const T* r = row();
+      for (int i = c_lo + tid; i < c_hi; i += kThreads) {
+        const uint32_t k[1] = {K::key(r[i])};
+        add<kMass, kCount, kLast, false>(k, s, h, above);
+      }
+    }
+    finish_sweep<kLast>(h, above);
+  }
+
+  // The first pass: top-p bins by the float exponent (positive keys; +0 adds nothing), top-k by
+  // the top 8 bits of the key. Neither is a last pass.
+  __device__ static Pass mass_first_pass() {
+    return {kSign, kSign, 0xffffffffu, kExpTop, K::kMant, false};
+  }
+  // Pass below `prefix` (the bits of the key above `shift`), nb-bit digit.
+  __device__ static Pass digit_pass(uint32_t prefix, int shift, int nb) {
+    const uint32_t mhi = shift >= 32 ? 0u : (0xffffffffu << shift);
+    const uint32_t pval = shift >= 32 ? 0u : (prefix << shift);
+    return {mhi, pval, pval | ~mhi, (1u << nb) - 1, shift - nb, shift == nb};
+  }
+
+  // Zero the histograms, convert the slice to keys (staged: into shared memory) and sweep the
+  // first pass over them in the same loop: the loads of a batch are all in flight before use.
+  template <bool kMass>
+  __device__ void load() {
+    for (int i = tid; i < kBuffers * kHistWords; i += kThreads) hist(0)[i] = 0;
+    __syncthreads();
+    const uint32_t h = smem_addr(hist(0));
+    const Pass s = kMass ? mass_first_pass() : digit_pass(0, K::kBits, 8);
+    uint32_t above = 0;
+    const T* r = row();
+    if constexpr (kStaged) {
+      Stored* st = stage();
+      const int n = max(hi - lo, 0);
+      const int nv = (n + kVec - 1) / kVec;
+      const bool aligned = (reinterpret_cast<uintptr_t>(r + lo) & 15) == 0;
+      const int nfull = aligned ? n / kVec : 0;
+      const uint4* src = reinterpret_cast<const uint4*>(r + lo);
+      auto convert = [&](const uint4& raw, int v, uint32_t (&k)[kVec]) {
         T x[kVec];
-        S s[kVec];
         memcpy(x, &raw, 16);
+        const int i0 = lo + v * kVec;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) k[j] = K::key(x[j]);
+        if (i0 < c_lo || i0 + kVec > c_hi) {  // a vector with forced positions (rare)
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (i0 + j < c_lo || i0 + j >= c_hi) k[j] = 0;
+          }
+        }
+      };
+      for (int v0 = tid; v0 < nfull; v0 += kUnroll * kThreads) {
+        uint4 raw[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int v = v0 + u * kThreads;
+          raw[u] = v < nfull ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int v = v0 + u * kThreads;
+          if (v < nfull) {
+            uint32_t k[kVec];
+            convert(raw[u], v, k);
+            reinterpret_cast<uint4*>(st)[v] = pack(k);
+            add<kMass, !kMass, false, true>(k, s, h, above);
+          }
+        }
+      }
+      // Unaligned rows and the last partial vector, element by element (zero keys past hi).
+      for (int v = nfull + tid; v < nv; v += kThreads) {
+        uint32_t k[kVec];
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          s[j] = St::from(x[j]);
-          note(lo + v * kVec + j, St::key(s[j]));
+          const int i = lo + v * kVec + j;
+          k[j] = (i >= c_lo && i < c_hi) ? K::key(r[i]) : 0u;
         }
-        uint4 packed;
-        static_assert(sizeof(S) == sizeof(T), "a staged element keeps the score's width");
-        memcpy(&packed, s, 16);  // f32: 4 keys; 16-bit: 8 raw values
-        reinterpret_cast<uint4*>(stage)[v] = packed;
-      }
-      for (int i = lo + n_vec * kVec + tid; i < hi; i += kThreads) {
-        const S s = St::from(row[i]);
-        stage[i - lo] = s;
-        note(i, St::key(s));
+        reinterpret_cast<uint4*>(st)[v] = pack(k);
+        add<kMass, !kMass, false, true>(k, s, h, above);
       }
     } else {
-      for (int i = c_lo + tid; i < c_hi; i += kThreads) note(i, key_at(i));
+      for (int i = c_lo + tid; i < c_hi; i += kThreads) {
+        const uint32_t k[1] = {K::key(r[i])};
+        add<kMass, !kMass, false, true>(k, s, h, above);
+      }
     }
-    // The cluster's CTAs must all be running before any DSMEM access: the first one follows.
-    if (multi()) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-    const ulonglong2 m = block_allreduce(make_ulonglong2(mx, ~mn & 0xffffffffu),
-                                         [](u64 a, u64 b) { return a > b ? a : b; });
-    if (multi()) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-    const ulonglong2* all = gather(m, 0);
-    u64 gmx = 0, gmn_inv = 0;
-    for (int r = 0; r < L.cluster; ++r) {
-      gmx = max(gmx, all[r].x);
-      gmn_inv = max(gmn_inv, all[r].y);
-    }
-    kmax = static_cast<uint32_t>(gmx);
-    kmin = ~static_cast<uint32_t>(gmn_inv);
+    finish_sweep<false>(h, above);
   }
 
-  // Radix search over the candidates: the largest key t with weight(keys >= t) >= W, where
-  // W = target(total weight). Exact integer sums, so every CTA of a cluster finds the same t.
-  template <class Weight, class Target>
-  __device__ Cut search(Weight weight, Target target) {
-    int shift = kmin == kmax ? 0 : 32 - __clz(kmin ^ kmax);  // bits below the common prefix
-    if (shift == 0) {
-      const u64 total = static_cast<u64>(n_cand) * weight(kmax);
-      return {kmax, 0, total, target(total)};
+  // A swept pass that no search will merge (single CTA: its buffer must be clean again).
+  __device__ void discard() {
+    if constexpr (!kMulti) {
+      __syncthreads();
+      for (int i = tid; i < kHistWords; i += kThreads) hist(0)[i] = 0;
+      __syncthreads();
     }
-    u64 prefix = static_cast<u64>(kmax) >> shift;
-    u64 base = 0, at = 0, W = 0;
-    bool first = true;
-    while (shift > 0) {
-      const int nb = min(kBits, shift), low = shift - nb;
-      uint32_t* lo_w = hist() + (pass & 1) * 2 * kBins;  // zeroed, read by nobody
-      uint32_t* hi_w = lo_w + kBins;
-      const uint32_t prefix32 = static_cast<uint32_t>(prefix);  // shift < 32 after the first pass
-#pragma unroll 1
-      for (int i = c_lo + tid; i < c_hi; i += kThreads) {
-        const uint32_t key = key_at(i);
-        if (!first && (key >> shift) != prefix32) continue;  // first pass: all share the prefix
-        const uint32_t d = (key >> low) & ((1u << nb) - 1);
-        if constexpr (Weight::kUnit) {
-          atomicAdd(lo_w + d, 1u);
-        } else {
-          // 64-bit exact sum from native 32-bit atomics: the add that wraps the low word
-          // carries into the high word.
-          const u64 w = weight(key);
-          if (w == 0) continue;
-          const uint32_t wl = static_cast<uint32_t>(w);
-          const uint32_t old = atomicAdd(lo_w + d, wl);
-          const uint32_t wh = static_cast<uint32_t>(w >> 32) + (old + wl < old ? 1u : 0u);
-          if (wh) atomicAdd(hi_w + d, wh);
+  }
+
+  // ---- merging and picking ---------------------------------------------------------------
+
+  // After the sweep: every rank's histogram of the pass is complete. Clustered, the buffer of
+  // the next pass is zeroed here (its last readers, the ranks merging the previous pass, have
+  // passed this barrier).
+  __device__ const uint32_t* sync_pass() {
+    if constexpr (kMulti) {
+      cluster_sync();
+      uint32_t* next = hist(pass & 1);
+      for (int i = tid; i < kHistWords; i += kThreads) next[i] = 0;
+      return hist((pass - 1) & 1);
+    } else {
+      __syncthreads();
+      return hist(0);
+    }
+  }
+
+  // This thread's bins [d0, d0 + kBpt) (thread 0 holds the top ones), summed over the ranks:
+  // mass (kMass) or counts into v; with kCounts also the counts of the ranks before this one
+  // (cb) and of all (ct), and (thread 0) the above-counts.
+  template <bool kMass, bool kCounts>
+  __device__ void gather(const uint32_t* h, u64 (&v)[kBpt], uint32_t (&ct)[kBpt],
+                         uint32_t (&cb)[kBpt], uint32_t& ab_all, uint32_t& ab_before) {
+#pragma unroll
+    for (int j = 0; j < kBpt; ++j) v[j] = 0, ct[j] = 0, cb[j] = 0;
+    ab_all = ab_before = 0;
+    if (tid >= kScanThreads) return;
+    const int d0 = kBins - (tid + 1) * kBpt;
+    if constexpr (kMulti) {
+      const uint32_t base = smem_addr(h);
+      for (int r = 0; r < ranks; ++r) {
+        const uint32_t rb = map_rank(base, static_cast<uint32_t>(r));
+#pragma unroll
+        for (int j = 0; j < kBpt; ++j) {
+          const uint32_t d = static_cast<uint32_t>(d0 + j);
+          if constexpr (kMass) {
+            const uint32_t l = ld_cluster(rb + 4 * (kLo + d));
+            const uint32_t hw = ld_cluster(rb + 4 * (kHi + d));
+            v[j] += (static_cast<u64>(hw) << 32) + l;
+          }
+          if constexpr (kCounts || !kMass) {
+            const uint32_t c = ld_cluster(rb + 4 * (kCnt + d));
+            ct[j] += c;
+            if (r < rank) cb[j] += c;
+            if constexpr (!kMass) v[j] += c;
+          }
+        }
+        if (kCounts && tid == 0) {
+          const uint32_t a = ld_cluster(rb + 4 * kAbove);
+          ab_all += a;
+          if (r < rank) ab_before += a;
         }
       }
-      sync_cluster();  // histograms complete; every CTA has finished reading the other buffer
-      uint32_t* next = hist() + ((pass + 1) & 1) * 2 * kBins;
-      for (int i = tid; i < 2 * kBins; i += kThreads) next[i] = 0;
+    } else {
+      uint32_t* hw = const_cast<uint32_t*>(h);  // read and clear: the buffer is clean again
+#pragma unroll
+      for (int j = 0; j < kBpt; ++j) {
+        const int d = d0 + j;
+        if constexpr (kMass) {
+          v[j] = (static_cast<u64>(hw[kHi + d]) << 32) + hw[kLo + d];
+          hw[kLo + d] = 0;
+          hw[kHi + d] = 0;
+        }
+        if constexpr (kCounts || !kMass) {
+          ct[j] = hw[kCnt + d];
+          hw[kCnt + d] = 0;
+          if constexpr (!kMass) v[j] = ct[j];
+        }
+      }
+      if (kCounts && tid == 0) {
+        ab_all = hw[kAbove];
+        hw[kAbove] = 0;
+      }
+    }
+  }
 
-      // This thread's bins, merged over the cluster; thread 0 holds the highest bins.
-      const int c = kChunks - 1 - tid;
-      u64 h[kBinsPerThread];
+  // Exclusive scan over the scan threads in thread order (= descending bins) and the total.
+  __device__ void block_scan(u64 x, u64& excl, u64& total) {
+    u64 inc = x;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const u64 y = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += y;
+    }
+    if (lane == 31 && warp < kScanWarps) sh.wsum[warp] = inc;
+    __syncthreads();
+    excl = inc - x;
+    total = 0;
+#pragma unroll
+    for (int w = 0; w < kScanWarps; ++w) {
+      const u64 s = sh.wsum[w];
+      total += s;
+      if (w < warp) excl += s;
+    }
+  }
+
+  // The bin where the running weight from the top first reaches `need` (0 < need <= total):
+  // exactly one bin of the CTA satisfies the test. Every thread gets it.
+  __device__ Pick pick(const u64 (&v)[kBpt], const u64 (&raw)[kBpt], u64 excl, u64 need) {
+    if (tid < kScanThreads) {
+      const int d0 = kBins - (tid + 1) * kBpt;
+      u64 run = excl;
+#pragma unroll
+      for (int j = kBpt - 1; j >= 0; --j) {
+        if (run < need && need - run <= v[j]) {
+          sh.pick = {run, v[j], raw[j], static_cast<uint32_t>(d0 + j)};
+        }
+        run += v[j];
+      }
+    }
+    __syncthreads();
+    return sh.pick;  // rewritten only after the next pass's first barrier
+  }
+
+  // Last pass: candidates above the cut digit dm and at it, in all ranks and in those before.
+  __device__ void tally(uint32_t dm, const uint32_t (&ct)[kBpt], const uint32_t (&cb)[kBpt],
+                        uint32_t ab_all, uint32_t ab_before, Final& f) {
+    uint32_t g_all = ab_all, g_before = ab_before;
+    if (tid < kScanThreads) {
+      const int d0 = kBins - (tid + 1) * kBpt;
+#pragma unroll
+      for (int j = 0; j < kBpt; ++j) {
+        const uint32_t d = static_cast<uint32_t>(d0 + j);
+        if (d > dm) g_all += ct[j], g_before += cb[j];
+        if (d == dm) sh.eq_before = cb[j];
+      }
+    }
+    g_all = __reduce_add_sync(0xffffffffu, g_all);
+    g_before = __reduce_add_sync(0xffffffffu, g_before);
+    if (lane == 0) sh.red[warp][0] = g_all, sh.red[warp][1] = g_before;
+    __syncthreads();
+    g_all = g_before = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) g_all += sh.red[w][0], g_before += sh.red[w][1];
+    f.gt_total = static_cast<int>(g_all);
+    f.gt_before = static_cast<int>(g_before);
+    f.eq_before = static_cast<int>(sh.eq_before);
+  }
+
+  // Radix passes below `prefix` (its bits above `shift`): the key t where the running weight
+  // from the top reaches `target`, given `base` above the prefix. Mass: mantissa sums of one
+  // exponent (implicit bit imp). The first pass may already be swept (fused with the load).
+  template <bool kMass>
+  __device__ Final descend(uint32_t prefix, int shift, u64 base, u64 target, uint32_t imp,
+                           bool swept) {
+    while (true) {
+      const int nb = min(8, shift);
+      const Pass s = digit_pass(prefix, shift, nb);
+      if (!swept) {
+        if (s.last) sweep<kMass, true>(s);
+        else sweep<kMass, false>(s);
+      }
+      swept = false;
+      const uint32_t* h = sync_pass();
+      u64 v[kBpt];
+      uint32_t ct[kBpt], cb[kBpt], ab_all, ab_before;
+      if (s.last) gather<kMass, true>(h, v, ct, cb, ab_all, ab_before);
+      else gather<kMass, false>(h, v, ct, cb, ab_all, ab_before);
       u64 chunk = 0;
 #pragma unroll
-      for (int j = 0; j < kBinsPerThread; ++j) {
-        h[j] = 0;
-        if (tid < kChunks) {
-          const int d = c * kBinsPerThread + j;
-          if (multi()) {
-            cg::cluster_group cl = cg::this_cluster();
-            for (int r = 0; r < L.cluster; ++r) {
-              const uint32_t* rl = cl.map_shared_rank(lo_w, r);
-              const uint32_t* rh = cl.map_shared_rank(hi_w, r);
-              h[j] += (static_cast<u64>(rh[d]) << 32) + rl[d];
-            }
-          } else {
-            h[j] = (static_cast<u64>(hi_w[d]) << 32) + lo_w[d];
-          }
+      for (int j = 0; j < kBpt; ++j) chunk += v[j];
+      u64 excl, total;
+      block_scan(chunk, excl, total);
+      const Pick pk = pick(v, v, excl, target - base);
+      if (s.last) {
+        Final f{};
+        f.t = (prefix << nb) | pk.d;
+        const u64 rem = target - base - pk.above;  // >= 1
+        if constexpr (kMass) {
+          const u64 q = (f.t & kFrac) | imp;  // > 0: the bin holds mass
+          f.need_eq = static_cast<int>((rem + q - 1) / q);
+        } else {
+          f.need_eq = static_cast<int>(rem);
         }
-        chunk += h[j];
+        tally(pk.d, ct, cb, ab_all, ab_before, f);
+        return f;
       }
-      u64 above, total;
-      ScanU64(sh.scan.s64).ExclusiveSum(chunk, above, total);
-      if (first) W = target(total);  // the first pass sees every candidate
-      u64 run = base + above;        // weight of all higher bins
-      if (tid < kChunks) {
-#pragma unroll
-        for (int j = kBinsPerThread - 1; j >= 0; --j) {
-          if (run < W && W - run <= h[j]) {  // exactly one bin in the CTA crosses W
-            sh.cut = {static_cast<uint32_t>(c * kBinsPerThread + j), run, h[j], W};
-          }
-          run += h[j];
-        }
-      }
-      __syncthreads();
-      const Cut got = sh.cut;  // rewritten only after the next pass's sync_cluster
-      prefix = (prefix << nb) | got.t;
-      base = got.base;
-      at = got.at;
-      shift = low;
-      first = false;
-      ++pass;
-    }
-    return {static_cast<uint32_t>(prefix), base, at, W};
-  }
-
-  // Counts of candidates above / at t, segment totals and what precedes this CTA's slice.
-  __device__ Tally tally(uint32_t t, int which) {
-    uint32_t gt = 0, eq = 0;
-    for (int i = c_lo + tid; i < c_hi; i += kThreads) {
-      const uint32_t key = key_at(i);
-      gt += key > t;
-      eq += key == t;
-    }
-    const ulonglong2 v = block_allreduce(make_ulonglong2(gt, eq), [](u64 a, u64 b) { return a + b; });
-    const int f_here = max(min(hi, n_sink) - lo, 0) + max(hi - max(lo, rstart), 0);
-    const ulonglong2* all = gather(make_ulonglong2(v.x + f_here, v.y), which);
-    Tally out{0, 0, 0};
-    int sure_total = 0;
-    for (int r = 0; r < L.cluster; ++r) {
-      sure_total += static_cast<int>(all[r].x);
-      if (r < rank) {
-        out.sure_before += static_cast<int>(all[r].x);
-        out.eq_before += static_cast<int>(all[r].y);
-      }
-    }
-    out.gt_total = sure_total - forced;
-    return out;
-  }
-
-  // Keys of the 4 positions i0..i0+3 (i0 - lo a multiple of 4, i0 < hi); only candidates'
-  // keys are meaningful.
-  __device__ __forceinline__ void keys4(int i0, uint32_t (&k)[4]) const {
-    if (L.staged) {
-      S s[4];
-      if constexpr (sizeof(S) == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(stage() + (i0 - lo));
-        memcpy(s, &v, 16);
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(stage() + (i0 - lo));
-        memcpy(s, &v, 8);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) k[j] = St::key(s[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int i = i0 + j;
-        k[j] = (i >= c_lo && i < c_hi) ? order_key(to_float(row()[i])) : 0u;
-      }
+      base += pk.above;
+      prefix = (prefix << nb) | pk.d;
+      shift -= nb;
     }
   }
 
-  // 4. Kept positions ascending into the fixed-capacity row, then -1 padding and the count.
-  __device__ void output(uint32_t t, int need_eq, const Tally& tl, int count) {
+  // top-p over the first pass (swept): 0 = cut found (f, r), 1 = no mass, 2 = infinite mass.
+  __device__ int mass_search(double top_p, Final& f) {
+    const uint32_t* h = sync_pass();
+    u64 s_raw[kBpt];
+    uint32_t ct[kBpt], cb[kBpt], ab_all, ab_before;
+    gather<true, false>(h, s_raw, ct, cb, ab_all, ab_before);
+    // The top exponent with mass (+1; 0: none).
+    uint32_t top = 0;
+    if (tid < kScanThreads) {
+      const int d0 = kBins - (tid + 1) * kBpt;
+#pragma unroll
+      for (int j = 0; j < kBpt; ++j) {
+        if (s_raw[j]) top = max(top, static_cast<uint32_t>(d0 + j + 1));
+      }
+    }
+    top = __reduce_max_sync(0xffffffffu, top);
+    if (lane == 0) sh.red[warp][0] = top;
+    __syncthreads();
+    top = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) top = max(top, sh.red[w][0]);
+    if (top == 0) return 1;
+    const int e_top = static_cast<int>(top) - 1;
+    if (e_top == static_cast<int>(kExpTop)) return 2;
+    // Masses in units of 2^(e_top' - Bq), e_top' bounding every mass: every element's scaled
+    // mass is < 2^Bq and n_cand * 2^Bq <= 2^63, so no sum overflows. Bin d (exponent field d,
+    // denormals as 1) holds S * 2^(max(d,1) - kBias - kMant): k below is its scale.
+    const int log_n = n_cand > 1 ? 32 - __clz(static_cast<uint32_t>(n_cand - 1)) : 0;
+    const int bq = min(max(63 - log_n, 32), 40);
+    const int k_top = bq - K::kMant - 1;
+    auto scale = [&](int d) { return max(d, 1) - max(e_top, 1) + k_top; };
+    u64 q[kBpt];
+    u64 chunk = 0;
+#pragma unroll
+    for (int j = 0; j < kBpt; ++j) {
+      const int d = kBins - (tid + 1) * kBpt + j;
+      q[j] = tid < kScanThreads ? shift_ceil(s_raw[j], scale(d)) : 0;
+      chunk += q[j];
+    }
+    u64 excl, total;
+    block_scan(chunk, excl, total);
+    const double x = ceil(top_p * static_cast<double>(total));
+    u64 W = x >= static_cast<double>(total) ? total : static_cast<u64>(x);
+    W = W > 0 ? W : 1;
+    const Pick pk = pick(q, s_raw, excl, W);
+    // The mass still needed inside the chosen bin, as an exact mantissa sum in [1, S].
+    const u64 need = W - pk.above;  // in [1, q]
+    const int s = -scale(static_cast<int>(pk.d));
+    u64 R;
+    if (s >= 64) R = pk.raw;  // need >= 1 unit is more than the whole bin
+    else if (s >= 0) R = need > (pk.raw >> s) ? pk.raw : need << s;
+    else R = min(shift_ceil(need, s), pk.raw);
+    R = R > 0 ? R : 1;
+    const uint32_t imp = pk.d ? kImp : 0u;
+    f = descend<true>((1u << K::kExp) | pk.d, K::kMant, 0, R, imp, false);
+    return 0;
+  }
+
+  // ---- output ----------------------------------------------------------------------------
+
+  __device__ void output(const Final& f, int count) {
     int32_t* out = p.indices + static_cast<int64_t>(seg) * p.capacity;
-    int carry_sure = tl.sure_before, carry_eq = tl.eq_before;
-    for (int base = lo; base < hi; base += 4 * kThreads) {
-      const int i0 = base + 4 * tid;
-      uint32_t sure = 0, eq = 0;  // bit j: position i0 + j
-      if (i0 < hi) {
-        uint32_t k[4];
-        keys4(i0, k);
+    const int64_t cap = p.capacity;
+    const int n = max(hi - lo, 0);
+    const int cw = (n + 32 * kWarps - 1) / (32 * kWarps) * 32;  // warp chunk, multiple of 32
+    const int start = min(lo + warp * cw, lo + n), end = min(start + cw, lo + n);
+    // 1. Kept candidates above t and ties at t in this warp's chunk (forced ones by geometry).
+    uint32_t ns = 0, ne = 0;
+    if constexpr (kStaged) {
+      const uint4* st = reinterpret_cast<const uint4*>(stage());
+      for (int i = start + kVec * lane; i < end; i += 32 * kVec) {
+        uint32_t k[kVec];
+        unpack(st[(i - lo) / kVec], k);  // keys past hi are 0: not counted
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int i = i0 + j;
-          if (i >= hi) break;
-          if (i < n_sink || i >= rstart) sure |= 1u << j;
-          else if (k[j] > t) sure |= 1u << j;
-          else if (k[j] == t) eq |= 1u << j;
+        for (int j = 0; j < kVec; ++j) {
+          ns += k[j] > f.t ? 1u : 0u;
+          ne += (k[j] == f.t && k[j] != 0) ? 1u : 0u;
         }
       }
-      // Per-tile counts fit 16 bits (<= 4 * kThreads).
-      uint32_t excl, agg;
-      ScanU32(sh.scan.s32).ExclusiveSum((__popc(sure) << 16) | __popc(eq), excl, agg);
-      int sb = carry_sure + static_cast<int>(excl >> 16);
-      int eb = carry_eq + static_cast<int>(excl & 0xffffu);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (sure >> j & 1) {
-          const int slot = sb + min(eb, need_eq);
-          if (slot < p.capacity) out[slot] = i0 + j;
-          ++sb;
-        } else if (eq >> j & 1) {
-          if (eb < need_eq && sb + eb < p.capacity) out[sb + eb] = i0 + j;
-          ++eb;
-        }
+    } else {
+      for (int i = start + lane; i < end; i += 32) {
+        const uint32_t k = key_at(i);
+        ns += k > f.t ? 1u : 0u;
+        ne += (k == f.t && k != 0) ? 1u : 0u;
       }
-      carry_sure += static_cast<int>(agg >> 16);
-      carry_eq += static_cast<int>(agg & 0xffffu);
-      __syncthreads();  // the scan storage is reused
     }
-    for (int64_t i = count + rank * kThreads + tid; i < p.capacity; i += L.cluster * kThreads) {
-      out[i] = -1;
+    ns = __reduce_add_sync(0xffffffffu, ns) + (forced_before(end) - forced_before(start));
+    ne = __reduce_add_sync(0xffffffffu, ne);
+    if (lane == 0) sh.wcnt[warp][0] = ns, sh.wcnt[warp][1] = ne;
+    __syncthreads();
+    int sb = forced_before(lo) + f.gt_before, eb = f.eq_before;
+    for (int w = 0; w < warp; ++w) sb += static_cast<int>(sh.wcnt[w][0]), eb += static_cast<int>(sh.wcnt[w][1]);
+    // 2. Slots in position order: sure ones after all kept before them; ties at t only while
+    //    fewer than need_eq came before (lowest positions first).
+    const int cap_i = static_cast<int>(cap < INT32_MAX ? cap : INT32_MAX);
+    const uint32_t lt = lanemask_lt();
+    for (int b = start; b < end; b += 32) {
+      const int i = b + lane;
+      const bool act = i < end;
+      const uint32_t k = act ? key_at(i) : 1u;
+      const bool sure = act && (k == 0 || k > f.t);
+      const bool eq = act && !sure && k == f.t;
+      const uint32_t bs = __ballot_sync(0xffffffffu, sure), be = __ballot_sync(0xffffffffu, eq);
+      const int ps = sb + __popc(bs & lt);
+      if (be == 0) {  // no tie at t in this step (the usual case)
+        const int slot = ps + min(eb, f.need_eq);
+        if (sure && slot < cap_i) out[slot] = i;
+      } else {
+        const int pe = eb + __popc(be & lt);
+        const int slot = ps + min(pe, f.need_eq);  // for a kept tie: ps + pe
+        if ((sure || (eq && pe < f.need_eq)) && slot < cap_i) out[slot] = i;
+      }
+      sb += __popc(bs);
+      eb += __popc(be);
     }
+    // 3. -1 padding up to capacity, spread over the cluster, 16-byte stores where aligned.
+    const int64_t row0 = static_cast<int64_t>(seg) * cap;
+    const int g = rank * kThreads + tid, G = ranks * kThreads;
+    const int64_t head = min(cap, ((row0 + count + 3) & ~int64_t{3}) - row0);
+    for (int64_t i = count + g; i < head; i += G) out[i] = -1;
+    const int64_t nvec = (cap - head) / 4;
+    int4* out4 = reinterpret_cast<int4*>(out + head);
+    for (int64_t v = g; v < nvec; v += G) out4[v] = make_int4(-1, -1, -1, -1);
+    for (int64_t i = head + nvec * 4 + g; i < cap; i += G) out[i] = -1;
     if (rank == 0 && tid == 0) p.counts[seg] = count;
   }
 
+  // ---- the whole selection ---------------------------------------------------------------
+
   __device__ void run() {
-    load();
+    const bool by_mass = p.by_mass;
+    if (by_mass) load<true>();
+    else load<false>();
     int64_t r = 0;  // int64 until clamped: k and min_keep are arbitrary
-    int r_mass = -1, need_eq = 0;
-    uint32_t t = 0;
-    Tally tl{};
-    if (p.by_mass) {
+    int r_mass = -1;
+    Final f{};
+    bool used = false;  // the first pass was merged
+    if (by_mass) {
       double top_p = p.top_p ? static_cast<double>(p.top_p[seg]) : p.top_p_default;
       top_p = fmin(fmax(top_p, 0.0), 1.0);  // NaN -> 0
-      const float m_max = key_mass(kmax);
-      if (n_cand > 0 && top_p > 0.0 && m_max > 0.0f) {
-        if (isinf(m_max)) {
-          r = 1;  // T = inf: the first candidate (an inf) already reaches p * T
-        } else {
-          // q(m) < 2^Bq for every candidate and n_cand * 2^Bq <= 2^63: sums cannot overflow.
-          const int log_n = n_cand > 1 ? 32 - __clz(static_cast<uint32_t>(n_cand - 1)) : 0;
-          const int bq = min(max(63 - log_n, 32), 40);
-          int e_max;
-          frexpf(m_max, &e_max);  // m_max < 2^e_max
-          const MassWeight w{bq - e_max - 150};
-          const Cut c = search(w, [top_p](u64 total) {
-            const double x = ceil(top_p * static_cast<double>(total));
-            const u64 W = x >= static_cast<double>(total) ? total : static_cast<u64>(x);
-            return W > 0 ? W : u64{1};
-          });
-          const u64 q = w(c.t);  // > 0: the crossing bin holds mass
-          need_eq = static_cast<int>((c.target - c.base + q - 1) / q);
-          t = c.t;
-          tl = tally(t, 1);
-          r = r_mass = tl.gt_total + need_eq;
-        }
+      if (n_cand > 0 && top_p > 0.0) {
+        used = true;
+        const int kind = mass_search(top_p, f);
+        if (kind == 0) r = r_mass = f.gt_total + f.need_eq;
+        else r = kind == 2 ? 1 : 0;  // infinite mass: the first candidate reaches p * T
       }
     } else {
       const int64_t k = p.top_k.ptr ? p.top_k[seg] : p.top_k_default;
@@ -511,34 +762,41 @@ struct RadixSelect {
     r = clamp64(r, 0, n_cand < p.capacity - forced ? n_cand : p.capacity - forced);
     if (r != r_mass) {
       if (r == 0) {
-        t = 0xffffffffu, need_eq = 0;  // no key is above it, none equals it
+        f = {0xffffffffu, 0, 0, 0, 0};  // no key is above it, none equals it
       } else if (r == n_cand) {
-        t = 0, need_eq = 0;  // every key is above it (order_key never returns 0)
+        f = {0u, 0, cand_before(lo), 0, n_cand};  // every candidate key is above it
       } else {
-        const Cut c = search(CountWeight{}, [r](u64) { return static_cast<u64>(r); });
-        t = c.t;
-        need_eq = static_cast<int>(r - static_cast<int64_t>(c.base));
+        const bool fused = !by_mass;  // top-k's first pass was swept by load()
+        if (!fused && !used) discard();
+        f = descend<false>(0, K::kBits, 0, static_cast<u64>(r), 0, fused);
       }
-      tl = tally(t, 2);
     }
-    output(t, need_eq, tl, forced + static_cast<int>(r));
+    // Clustered: no rank may exit while another still reads its histograms (the reads are
+    // done here); the wait comes after the output.
+    if constexpr (kMulti) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    output(f, forced + static_cast<int>(r));
+    if constexpr (kMulti) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   }
 };
 
-// Occupancy targets: 1280 short segments in one wave (132 SMs), 2 large CTAs per SM.
-template <typename T, int kThreads, int kBits>
-__global__ void __launch_bounds__(kThreads, kThreads <= 128 ? 10 : (kThreads == 256 ? 5 : 2))
+template <int kThreads>
+constexpr int select_min_blocks() {
+  return kThreads <= 64 ? 12 : kThreads <= 128 ? 10 : kThreads <= 256 ? 5 : kThreads <= 512 ? 2 : 1;
+}
+
+template <typename T, int kThreads, bool kMulti, bool kStaged>
+__global__ void __launch_bounds__(kThreads, select_min_blocks<kThreads>())
     select_radix(const SelectParams p, const SelectLaunch L) {
-  using Sel = RadixSelect<T, kThreads, kBits>;
+  using Sel = RadixSelect<T, kThreads, kMulti, kStaged>;
   __shared__ typename Sel::Shared sh;
   Sel sel(p, L, sh);
   sel.run();
 }
 
-template <typename T, int kThreads, int kBits>
+template <typename T, int kThreads, bool kMulti, bool kStaged>
 cudaError_t launch(const SelectParams& p, const SelectLaunch& L, cudaStream_t stream) {
-  using Sel = RadixSelect<T, kThreads, kBits>;
-  const auto kernel = select_radix<T, kThreads, kBits>;
+  using Sel = RadixSelect<T, kThreads, kMulti, kStaged>;
+  const auto kernel = select_radix<T, kThreads, kMulti, kStaged>;
   const size_t smem = Sel::smem_bytes(L);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -554,7 +812,7 @@ cudaError_t launch(const SelectParams& p, const SelectLaunch& L, cudaStream_t st
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = L.cluster > 1 ? 1 : 0;
+  cfg.numAttrs = kMulti ? 1 : 0;
   err = cudaLaunchKernelEx(&cfg, kernel, p, L);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
@@ -563,20 +821,21 @@ inline int round_up16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); 
 
 }  // namespace select_detail
 
-// Strategy by segment width N (every segment of a launch has length <= N):
-//   N <= 1024:  one 64-thread CTA per segment, 8-bit digits (many short segments: little
-//               per-pass overhead, up to 32 CTAs per SM)
-//   N <= 2048:  one 128-thread CTA per segment, 8-bit digits
-//   N <= 8192:  one 256-thread CTA per segment, 8-bit digits
-//   larger:     512-thread CTAs with 11-bit digits, one per 64 KB slice, clusters of up to 8
-//               CTAs per segment; beyond 8 slices the slices are re-read from global memory.
-constexpr int64_t kSelectTinyN = 1024, kSelectSmallN = 2048, kSelectMediumN = 8192;
+// Strategy by segment width N (every segment of a launch has length <= N), one CTA per segment
+// with the slice staged in shared memory unless noted:
+//   N <= 1024:   64 threads (many short segments: up to 12 CTAs per SM)
+//   N <= 4096:   128 threads (1280 segments of 4096 fit one wave: ~20 KB per CTA)
+//   N <= 8192:   256 threads
+//   N <= 32768:  the large CTA: 1024 threads for float32 (128 KB of keys, one per SM), 512 for
+//                16-bit scores (64 KB, two per SM); 32 or 64 keys per thread
+//   larger:      clusters of ceil(N / 32768) <= 8 large CTAs; beyond 8 slices the slices are
+//                re-read from global memory in every pass.
+constexpr int64_t kSelectTinyN = 1024, kSelectSmallN = 4096, kSelectMediumN = 8192;
 
 // CTAs that work on one segment of width N (the grid has S times as many).
-inline int select_ctas_per_segment(int64_t N, int64_t elem_size) {
-  if (N <= kSelectMediumN) return 1;
-  const int64_t per_cta = kSelectStageBytes / elem_size;
-  const int64_t ctas = (N + per_cta - 1) / per_cta;
+inline int select_ctas_per_segment(int64_t N, int64_t /*elem_size*/) {
+  if (N <= kSelectSliceElems) return 1;
+  const int64_t ctas = (N + kSelectSliceElems - 1) / kSelectSliceElems;
   return static_cast<int>(ctas < kSelectMaxCluster ? ctas : kSelectMaxCluster);
 }
 
@@ -585,13 +844,16 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   using namespace select_detail;
   if (p.S == 0) return cudaSuccess;
   const int64_t N = p.N;
-  if (N <= kSelectTinyN) return launch<T, 64, 8>(p, {1, round_up16(N > 0 ? N : 1), true}, stream);
-  if (N <= kSelectSmallN) return launch<T, 128, 8>(p, {1, round_up16(N), true}, stream);
-  if (N <= kSelectMediumN) return launch<T, 256, 8>(p, {1, round_up16(N), true}, stream);
+  if (N <= kSelectTinyN) return launch<T, 64, false, true>(p, {1, round_up16(N > 0 ? N : 1)}, stream);
+  if (N <= kSelectSmallN) return launch<T, 128, false, true>(p, {1, round_up16(N)}, stream);
+  if (N <= kSelectMediumN) return launch<T, 256, false, true>(p, {1, round_up16(N)}, stream);
+  constexpr int kBig = sizeof(T) == 4 ? 1024 : 512;
+  if (N <= kSelectSliceElems) return launch<T, kBig, false, true>(p, {1, round_up16(N)}, stream);
   const int cluster = select_ctas_per_segment(N, sizeof(T));
-  const bool staged = N <= static_cast<int64_t>(cluster) * (kSelectStageBytes / sizeof(T));
   if (p.S * cluster > INT32_MAX) return cudaErrorInvalidConfiguration;
-  return launch<T, 512, 11>(p, {cluster, round_up16((N + cluster - 1) / cluster), staged}, stream);
+  const SelectLaunch L{cluster, round_up16((N + cluster - 1) / cluster)};
+  if (N <= static_cast<int64_t>(cluster) * kSelectSliceElems) return launch<T, kBig, true, true>(p, L, stream);
+  return launch<T, kBig, true, false>(p, L, stream);
 }
 
 }  // namespace pyramid_kv::kernels
