@@ -771,6 +771,9 @@ struct RadixSelect {
         f = descend<false>(0, K::kBits, 0, static_cast<u64>(r), 0, fused);
       }
     }
+    // The output reads keys other threads staged: without a search in between (r = 0 or all
+    // candidates) nothing else orders those reads after the writes.
+    __syncthreads();
     // Clustered: no rank may exit while another still reads its histograms (the reads are
     // done here); the wait comes after the output.
     if constexpr (kMulti) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
