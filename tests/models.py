@@ -52,10 +52,12 @@ def small(**changes):
     return pk.preset("paper-7b", **base)
 
 
-def logits_trace(model, cfg, prompts, steps=12, *, graph_shaped=False, **runner_options):
+def logits_trace(model, cfg, prompts, steps=12, *, graph_shaped=False, feed=None, **runner_options):
     """Prefill + greedy decode logits [steps + 1, B, V] of a ragged batch, and the runner.
     graph_shaped: run every decode step with the CUDA-graph step's fixed shapes (attention over
-    each cache's whole capacity, masked by lengths), which lets CPU tests check that path."""
+    each cache's whole capacity, masked by lengths), which lets CPU tests check that path.
+    feed: logits [steps + 1, B, V] of another trace whose greedy tokens are fed instead of this
+    run's own (two runs that round differently then stay on the same tokens)."""
     import pyramid_kv as pk
     from pyramid_kv.generate import batch_prompts
 
@@ -64,6 +66,7 @@ def logits_trace(model, cfg, prompts, steps=12, *, graph_shaped=False, **runner_
     if graph_shaped:
         runner._step = lambda tokens, graph: pk.Runner._step(runner, tokens, True)
     logits = [runner.prefill(ids, lengths, steps)]
-    for _ in range(steps):
-        logits.append(runner.decode_step(logits[-1].argmax(-1)))
+    for i in range(steps):
+        tokens = (logits[-1] if feed is None else feed[i]).argmax(-1)
+        logits.append(runner.decode_step(tokens.to(logits[-1].device)))
     return torch.stack(logits), runner
