@@ -41,6 +41,12 @@ class LayerCache:
     def capacity(self) -> int:
         return self.k_store.shape[1]
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's K and V (all KV heads)."""
+        _, _, H, D = self.k_store.shape
+        return 2 * H * D * self.k_store.element_size()
+
     def keys(self, width: Optional[int] = None) -> Tensor:
         return self.k[:, :, : self.bound if width is None else width]
 
@@ -151,8 +157,7 @@ def cache_stats(layers: List[LayerCache], full_tokens: Tensor, prefill_tokens: L
     lengths = torch.stack([c.lengths for c in layers]).cpu()  # [L, B]
     B = lengths.shape[1]
     owns = [sources is None or sources[i] == i for i in range(len(layers))]
-    k = layers[0].k
-    per_row = 2 * k.shape[1] * k.shape[3] * k.element_size()  # K and V of one token
+    per_row = layers[0].row_bytes
     return CacheStats(
         layer_tokens=(lengths.double().sum(1) / max(B, 1)).tolist(),
         layer_bytes=[int(n) * per_row if o else 0 for n, o in zip(lengths.sum(1).tolist(), owns)],

@@ -171,7 +171,8 @@ def method_config(method: str, target: float, num_layers: int, n: int, m: int,
     if method in MERGE_METHODS:
         if measure is None:
             raise ValueError(f"{method} needs a measure() to calibrate its budget")
-        merge = lambda start=None: {"start": start, "t": 0.5, "retain": MERGE_RETAIN}  # noqa: E731
+        # t stays at MERGE_DEFAULTS["t"] (0.5)
+        merge = lambda start=None: {"start": start, "retain": MERGE_RETAIN}  # noqa: E731
         if method == "minicache":  # fewest merged pairs (largest first merged layer) within target
             cfg = lambda st: PRESETS["full"].replace(merge=merge(int(st)), name="minicache")  # noqa: E731
             return cfg(_bisect(lambda st: measure(cfg(st)), target, 0, num_layers - 2, 20, integer=True))
@@ -240,7 +241,7 @@ def score_windows(model, config: PyramidConfig, ids: Tensor, n: int,
         target = ids[:, n + t]
         nll -= lp.gather(1, target[:, None]).sum()
         cached = runner.held_bytes()  # [W] over slots (sharing readers hold none) and merged pairs
-        held += (cached.double() / (runner.row_bytes() * L * (n + t))).sum()
+        held += (cached.double() / (runner.layers[0].row_bytes * L * (n + t))).sum()
         if full_logprobs is not None:
             ref = full_logprobs[t].to(dev)
             agree += (ref.argmax(-1) == lp.argmax(-1)).sum()

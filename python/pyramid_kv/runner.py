@@ -442,7 +442,8 @@ class Runner:
 
     # ------------------------------------------------------------------ accounting
     def stats(self) -> CacheStats:
-        """Memory of the current caches against a full cache (one host synchronisation)."""
+        """Memory of the current caches against a full cache. Synchronises with the host a few
+        times (more with merged pairs): not for the decode loop, which has held_bytes()."""
         full = self.prompt_lengths + self.generated
         prefill = torch.stack(self._prefill_lengths).sum(1).tolist()
         st = cache_stats(self.layers, full, [int(x) for x in prefill], self.sharing.sources)
@@ -455,22 +456,11 @@ class Runner:
             st.workspace_bytes = 2 * self.workspace.k.numel() * self.workspace.k.element_size()
         return st
 
-    def held_tokens(self) -> Tensor:
-        """[B] tokens held per sequence over all slots (readers hold none; a merged layer holds
-        its prompt tokens, merged or not, and its tail); no synchronisation."""
-        held = torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0)
-        return held + sum(2 * p.lengths for p in self.merged.values())
-
-    def row_bytes(self) -> int:
-        """Bytes of one token's K and V in one layer of an unmerged cache."""
-        k = self.layers[0].k
-        return 2 * k.shape[1] * k.shape[3] * k.element_size()
-
     def held_bytes(self) -> Tensor:
         """[B] bytes of K/V held per sequence over all slots and merged pairs (directions once,
         norms, retained rows and indices, raw tails); the shared workspace is not per sequence
         (see stats()). No synchronisation."""
-        held = torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0) * self.row_bytes()
+        held = torch.stack([self.layers[i].lengths for i in self.sharing.slots]).sum(0) * self.layers[0].row_bytes
         return held + sum(p.layer_bytes(w) for p in self.merged.values() for w in (0, 1))
 
 

@@ -175,9 +175,4 @@ def calibrate_kvsharer(model: nn.Module, input_ids=None, lengths: Optional[Tenso
     return SharingPlan(tuple(sources)).validate(L)
 
 
-def kv_fraction_of(plan: SharingPlan) -> float:
-    """The fraction of a full cache that a sharing plan alone holds (slots over layers)."""
-    return len(plan.slots) / plan.num_layers
-
-
-__all__: List[str] = ["SharingPlan", "calibrate_kvsharer", "kv_fraction_of"]
+__all__: List[str] = ["SharingPlan", "calibrate_kvsharer"]
