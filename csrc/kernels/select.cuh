@@ -25,6 +25,9 @@
 #pragma once
 
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "common.cuh"
 
@@ -52,6 +55,7 @@ struct SelectLaunch {
 
 constexpr int kSelectMaxCluster = 8;       // portable cluster size
 constexpr int kSelectSliceElems = 32768;   // staged slice of the large configuration
+constexpr int kSelectMaxSliceBytes = 192 * 1024;  // largest staged slice (keys) of a clustered CTA
 
 namespace select_detail {
 
@@ -796,28 +800,63 @@ __global__ void __launch_bounds__(kThreads, select_min_blocks<kThreads>())
   sel.run();
 }
 
+// The launch configuration of one strategy; sets the kernel's shared-memory limit first.
 template <typename T, int kThreads, bool kMulti, bool kStaged>
-cudaError_t launch(const SelectParams& p, const SelectLaunch& L, cudaStream_t stream) {
+cudaError_t configure(const SelectParams& p, const SelectLaunch& L, cudaStream_t stream,
+                      cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr) {
   using Sel = RadixSelect<T, kThreads, kMulti, kStaged>;
-  const auto kernel = select_radix<T, kThreads, kMulti, kStaged>;
   const size_t smem = Sel::smem_bytes(L);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg{};
+  const cudaError_t err = cudaFuncSetAttribute(select_radix<T, kThreads, kMulti, kStaged>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+  cfg = cudaLaunchConfig_t{};
   cfg.gridDim = dim3(static_cast<unsigned>(p.S * L.cluster));
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(L.cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(L.cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
   cfg.numAttrs = kMulti ? 1 : 0;
-  err = cudaLaunchKernelEx(&cfg, kernel, p, L);
+  return err;
+}
+
+template <typename T, int kThreads, bool kMulti, bool kStaged>
+cudaError_t launch(const SelectParams& p, const SelectLaunch& L, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  cudaError_t err = configure<T, kThreads, kMulti, kStaged>(p, L, stream, cfg, attr);
+  if (err != cudaSuccess) return err;
+  err = cudaLaunchKernelEx(&cfg, select_radix<T, kThreads, kMulti, kStaged>, p, L);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// Clusters of this configuration that fit on the device at once: a host query (no sync),
+// remembered per device, cluster size and shared memory.
+template <typename T, int kThreads>
+cudaError_t active_clusters(const SelectParams& p, const SelectLaunch& L, int& n) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, int> known;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const auto key = std::make_tuple(dev, L.cluster, RadixSelect<T, kThreads, true, true>::smem_bytes(L));
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return n = it->second, cudaSuccess;
+  }
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  err = configure<T, kThreads, true, true>(p, L, nullptr, cfg, attr);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&n, select_radix<T, kThreads, true, true>, &cfg);
+  if (err == cudaSuccess) {
+    const std::lock_guard<std::mutex> lock(mu);
+    known[key] = n;
+  }
+  return err;
 }
 
 inline int round_up16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); }
@@ -831,8 +870,9 @@ inline int round_up16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); 
 //   N <= 8192:   256 threads
 //   N <= 32768:  the large CTA: 1024 threads for float32 (128 KB of keys, one per SM), 512 for
 //                16-bit scores (64 KB, two per SM); 32 or 64 keys per thread
-//   larger:      clusters of ceil(N / 32768) <= 8 large CTAs; beyond 8 slices the slices are
-//                re-read from global memory in every pass.
+//   larger:      clusters of c <= 8 large CTAs, c from ceil(N / 32768) down to slices of up to
+//                192 KB of keys when fewer clusters then fit the device in fewer waves; beyond 8
+//                slices of 32768 the slices are re-read from global memory in every pass.
 constexpr int64_t kSelectTinyN = 1024, kSelectSmallN = 4096, kSelectMediumN = 8192;
 
 // CTAs that work on one segment of width N (the grid has S times as many).
@@ -852,11 +892,32 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   if (N <= kSelectMediumN) return launch<T, 256, false, true>(p, {1, round_up16(N)}, stream);
   constexpr int kBig = sizeof(T) == 4 ? 1024 : 512;
   if (N <= kSelectSliceElems) return launch<T, kBig, false, true>(p, {1, round_up16(N)}, stream);
-  const int cluster = select_ctas_per_segment(N, sizeof(T));
-  if (p.S * cluster > INT32_MAX) return cudaErrorInvalidConfiguration;
-  const SelectLaunch L{cluster, round_up16((N + cluster - 1) / cluster)};
-  if (N <= static_cast<int64_t>(cluster) * kSelectSliceElems) return launch<T, kBig, true, true>(p, L, stream);
-  return launch<T, kBig, true, false>(p, L, stream);
+  const int most = select_ctas_per_segment(N, sizeof(T));
+  if (p.S * most > INT32_MAX) return cudaErrorInvalidConfiguration;
+  if (N > static_cast<int64_t>(most) * kSelectSliceElems) {  // beyond 8 slices: unstaged
+    return launch<T, kBig, true, false>(p, {most, round_up16((N + most - 1) / most)}, stream);
+  }
+  // Fewer, larger slices (up to kSelectMaxSliceBytes of keys) when the clusters of 32768-key
+  // slices do not fit the device at once: an H100 holds 30 clusters of 4 one-per-SM CTAs (its
+  // GPC sizes), so 32 x 131072 float32 would run in two waves; clusters of 3 run in one. The
+  // cost of a plan is its waves times the keys per CTA (the sweeps are per-key work).
+  constexpr int64_t kMaxSlice = kSelectMaxSliceBytes / sizeof(typename Keys<T>::Stored);
+  SelectLaunch best{most, round_up16((N + most - 1) / most)};
+  int64_t best_cost = -1;
+  for (int c = static_cast<int>((N + kMaxSlice - 1) / kMaxSlice); c <= most; ++c) {
+    if (c < 2) continue;
+    const SelectLaunch L{c, round_up16((N + c - 1) / c)};
+    int fit = 0;
+    if (active_clusters<T, kBig>(p, L, fit) != cudaSuccess || fit < 1) {
+      (void)cudaGetLastError();  // a refused query: keep the default plan
+      best_cost = -1;
+      best = {most, round_up16((N + most - 1) / most)};
+      break;
+    }
+    const int64_t cost = (p.S + fit - 1) / fit * static_cast<int64_t>(L.slice);
+    if (best_cost < 0 || cost <= best_cost) best = L, best_cost = cost;  // ties: smaller slices
+  }
+  return launch<T, kBig, true, true>(p, best, stream);
 }
 
 }  // namespace pyramid_kv::kernels
