@@ -30,8 +30,8 @@ fi
 if [[ " $stages " == *" sanitize "* ]]; then
   # memcheck: every kernel test but the large ones; racecheck (slow): the shared-memory kernels
   # on one case per strategy / path (synccheck, if asked for, on the same cases).
-  kernels="tests/test_select.py tests/test_compact.py tests/test_ensemble_scores.py tests/test_merge.py tests/test_errors.py tests/test_opcheck.py"
-  race="(strategies and dtype0) or unstaged or tensor_core or inplace_many_tiles or row_sizes"
+  kernels="tests/test_select.py tests/test_compact.py tests/test_ensemble_scores.py tests/test_merge.py tests/test_merged_attention.py tests/test_errors.py tests/test_opcheck.py"
+  race="(strategies and dtype0) or unstaged or tensor_core or inplace_many_tiles or row_sizes or merged_race"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     log "compute-sanitizer $tool"
     if [[ $tool == memcheck ]]; then sel="not large and not torch_compile"; else sel="$race"; fi

@@ -3,7 +3,9 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
+#include <utility>
 
 namespace pyramid_kv {
 namespace {
@@ -242,6 +244,77 @@ void check_slerp_restore_out(const Tensor& direction, const Tensor& out) {
   TORCH_CHECK_VALUE(out.sizes() == direction.sizes(), "out must have the shape of direction (",
                     direction.sizes(), "), got ", out.sizes());
   check_last_dim_contiguous(out, "out");
+}
+
+namespace {
+
+// A K/V operand of merged_attention: 4-D, q's dtype and device, last dim contiguous, and the
+// shape `want` (-1: any size, whose value is returned through `free_dim`).
+void check_kv_operand(const Tensor& t, const Tensor& q, const char* name, const char* layout,
+                      std::array<int64_t, 4> want) {
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D ", layout, ", got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " must have the dtype of q (",
+                   q.scalar_type(), "), got ", t.scalar_type());
+  check_same_device(t, q, name, "q");
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(want[i] < 0 || t.size(i) == want[i], name, " must have shape ", layout,
+                      " = [", want[0], ", ", want[1], ", ", want[2], ", ", want[3],
+                      "] (-1: any), got ", t.sizes());
+  }
+  check_last_dim_contiguous(t, name);
+}
+
+void check_int64(const Tensor& t, const Tensor& q, const char* name, at::IntArrayRef shape) {
+  check_same_device(t, q, name, "q");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+}  // namespace
+
+MergedAttentionDims check_merged_attention(const Tensor& q, const Tensor& dir_k, const Tensor& dir_v,
+                                           const Tensor& norm_k, const Tensor& norm_v,
+                                           const Tensor& lengths, const Tensor& retained_k,
+                                           const Tensor& retained_v, const Tensor& retained_counts,
+                                           const Tensor& tail_k, const Tensor& tail_v,
+                                           const Tensor& tail_lengths, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "q must be 3-D [B, Hq, D], got shape ", q.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(q.scalar_type()), "q must be float32, float16 or bfloat16, got ",
+                   q.scalar_type());
+  check_last_dim_contiguous(q, "q");
+  MergedAttentionDims d{};
+  d.B = q.size(0), d.Hq = q.size(1), d.D = q.size(2);
+  TORCH_CHECK_VALUE(dir_k.dim() == 4, "dir_k must be 4-D [B, P, Hkv, D], got shape ", dir_k.sizes());
+  d.P = dir_k.size(1), d.Hkv = dir_k.size(2);
+  TORCH_CHECK_VALUE(dir_k.size(3) == d.D, "dir_k must have the head dim of q (", d.D, "), got ",
+                    dir_k.size(3));
+  check_kv_operand(dir_k, q, "dir_k", "[B, P, Hkv, D]", {d.B, -1, -1, d.D});
+  check_kv_operand(dir_v, q, "dir_v", "[B, P, Hkv, D]", {d.B, d.P, d.Hkv, d.D});
+  TORCH_CHECK_VALUE(d.Hkv > 0 || d.Hq == 0, "dir_k must have at least one KV head");
+  TORCH_CHECK_VALUE(d.Hkv == 0 || d.Hq % d.Hkv == 0, "q heads (", d.Hq,
+                    ") must be a multiple of the KV heads of dir_k (", d.Hkv, ")");
+  for (const auto& [t, name] : {std::pair{&norm_k, "norm_k"}, std::pair{&norm_v, "norm_v"}}) {
+    check_same_device(*t, q, name, "q");
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == d.B && t->size(1) == d.P && t->size(2) == d.Hkv,
+                      name, " must have shape [B, P, Hkv] = [", d.B, ", ", d.P, ", ", d.Hkv,
+                      "], got ", t->sizes());
+  }
+  check_int64(lengths, q, "lengths", {d.B});
+  TORCH_CHECK_VALUE(retained_k.dim() == 4, "retained_k must be 4-D [B, Hkv, C, D], got shape ",
+                    retained_k.sizes());
+  d.C = retained_k.size(2);
+  check_kv_operand(retained_k, q, "retained_k", "[B, Hkv, C, D]", {d.B, d.Hkv, -1, d.D});
+  check_kv_operand(retained_v, q, "retained_v", "[B, Hkv, C, D]", {d.B, d.Hkv, d.C, d.D});
+  check_int64(retained_counts, q, "retained_counts", {d.B, d.Hkv});
+  TORCH_CHECK_VALUE(tail_k.dim() == 4, "tail_k must be 4-D [B, T, Hkv, D], got shape ",
+                    tail_k.sizes());
+  d.T = tail_k.size(1);
+  check_kv_operand(tail_k, q, "tail_k", "[B, T, Hkv, D]", {d.B, -1, d.Hkv, d.D});
+  check_kv_operand(tail_v, q, "tail_v", "[B, T, Hkv, D]", {d.B, d.T, d.Hkv, d.D});
+  check_int64(tail_lengths, q, "tail_lengths", {d.B});
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be finite and > 0, got ", scale);
+  return d;
 }
 
 void check_lengths_values(const Tensor& lengths_cpu, int64_t N, const char* name) {

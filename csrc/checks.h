@@ -41,6 +41,19 @@ MergeDims check_slerp_merge(const Tensor& a, const Tensor& b, double t, double e
 MergeDims check_slerp_restore(const Tensor& direction, const Tensor& norm);
 void check_slerp_restore_out(const Tensor& direction, const Tensor& out);
 
+struct MergedAttentionDims {
+  int64_t B, Hq, Hkv, D, P, C, T;
+};
+// merged_attention: q [B, Hq, D]; dir_k, dir_v [B, P, Hkv, D] and norm_k, norm_v float32
+// [B, P, Hkv]; retained_k, retained_v [B, Hkv, C, D]; tail_k, tail_v [B, T, Hkv, D]; int64
+// lengths [B], retained_counts [B, Hkv], tail_lengths [B]; one dtype and device; scale > 0.
+MergedAttentionDims check_merged_attention(const Tensor& q, const Tensor& dir_k, const Tensor& dir_v,
+                                           const Tensor& norm_k, const Tensor& norm_v,
+                                           const Tensor& lengths, const Tensor& retained_k,
+                                           const Tensor& retained_v, const Tensor& retained_counts,
+                                           const Tensor& tail_k, const Tensor& tail_v,
+                                           const Tensor& tail_lengths, double scale);
+
 // Value checks: CPU kernels run them inline (no cost); CUDA kernels cannot without a host
 // sync, so they clamp instead and the Python wrappers validate on request.
 void check_lengths_values(const Tensor& lengths_cpu, int64_t N, const char* name);

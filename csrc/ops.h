@@ -30,7 +30,13 @@ using OptTensor = std::optional<Tensor>;
   std::tuple<Tensor, Tensor, Tensor, Tensor> slerp_merge_##DEV(const Tensor& a, const Tensor& b, \
                                                              double t, double eps);         \
   Tensor slerp_restore_##DEV(const Tensor& direction, const Tensor& norm);                 \
-  void slerp_restore_out_##DEV(const Tensor& direction, const Tensor& norm, const Tensor& out);
+  void slerp_restore_out_##DEV(const Tensor& direction, const Tensor& norm, const Tensor& out); \
+  Tensor merged_attention_##DEV(const Tensor& q, const Tensor& dir_k, const Tensor& dir_v,    \
+                                const Tensor& norm_k, const Tensor& norm_v,                 \
+                                const Tensor& lengths, const Tensor& retained_k,            \
+                                const Tensor& retained_v, const Tensor& retained_counts,    \
+                                const Tensor& tail_k, const Tensor& tail_v,                 \
+                                const Tensor& tail_lengths, double scale);
 
 PYRAMID_KV_DECLARE_OPS(cpu)
 PYRAMID_KV_DECLARE_OPS(cuda)

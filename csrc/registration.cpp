@@ -57,6 +57,16 @@ TORCH_LIBRARY(pyramid_kv, m) {
 
   // As slerp_restore, into out [B, X, Y, D] (any strides, last dim contiguous).
   m.def("slerp_restore_out(Tensor direction, Tensor norm, Tensor(a!) out) -> ()");
+
+  // Decode attention of one query per sequence and head, q [B, Hq, D], over a merged layer
+  // without restoring it: prompt keys norm_k * dir_k and values norm_v * dir_v (dir [B, P, Hkv, D],
+  // float32 norms [B, P, Hkv]; rows t < lengths[b]; a negative key norm skips the token), the
+  // retained rows [B, Hkv, C, D] c < retained_counts[b, h], and the tail [B, T, Hkv, D]
+  // u < tail_lengths[b]. float32 softmax(scale q.k) over that key set -> [B, Hq, D], q's dtype.
+  m.def(
+      "merged_attention(Tensor q, Tensor dir_k, Tensor dir_v, Tensor norm_k, Tensor norm_v, "
+      "Tensor lengths, Tensor retained_k, Tensor retained_v, Tensor retained_counts, "
+      "Tensor tail_k, Tensor tail_v, Tensor tail_lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyramid_kv, CPU, m) {
@@ -69,6 +79,7 @@ TORCH_LIBRARY_IMPL(pyramid_kv, CPU, m) {
   m.impl("slerp_merge", &pyramid_kv::slerp_merge_cpu);
   m.impl("slerp_restore", &pyramid_kv::slerp_restore_cpu);
   m.impl("slerp_restore_out", &pyramid_kv::slerp_restore_out_cpu);
+  m.impl("merged_attention", &pyramid_kv::merged_attention_cpu);
 }
 
 #ifdef PYRAMID_KV_WITH_CUDA
@@ -82,6 +93,7 @@ TORCH_LIBRARY_IMPL(pyramid_kv, CUDA, m) {
   m.impl("slerp_merge", &pyramid_kv::slerp_merge_cuda);
   m.impl("slerp_restore", &pyramid_kv::slerp_restore_cuda);
   m.impl("slerp_restore_out", &pyramid_kv::slerp_restore_out_cuda);
+  m.impl("merged_attention", &pyramid_kv::merged_attention_cuda);
 }
 #endif
 

@@ -204,3 +204,46 @@ def test_slerp_restore_errors(device):
         raises(ValueError, "norm must be on the same device as direction", ops.slerp_restore, d, n.cpu())
         raises(ValueError, "out must be on the same device as direction", ops.slerp_restore, d, n,
                out=torch.empty(2, 10, 4, 8))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_merged_attention_errors(device):
+    B, Hq, Hkv, D, P, C, T = 2, 8, 2, 16, 10, 3, 4
+    good = dict(q=torch.randn(B, Hq, D), dir_k=torch.randn(B, P, Hkv, D), dir_v=torch.randn(B, P, Hkv, D),
+                norm_k=torch.rand(B, P, Hkv), norm_v=torch.rand(B, P, Hkv), lengths=torch.tensor([10, 4]),
+                retained_k=torch.randn(B, Hkv, C, D), retained_v=torch.randn(B, Hkv, C, D),
+                retained_counts=torch.tensor([[3, 1], [0, 2]]), tail_k=torch.randn(B, T, Hkv, D),
+                tail_v=torch.randn(B, T, Hkv, D), tail_lengths=torch.tensor([4, 0]))
+    good = {k: v.to(device) for k, v in good.items()}
+
+    def call(**bad):
+        pk.merged_attention(**{**good, **bad})
+
+    call()
+    raises(ValueError, "q must be 3-D [B, Hq, D]", call, q=good["q"][None])
+    raises(TypeError, "q must be float32, float16 or bfloat16", call, q=good["q"].double())
+    raises(ValueError, "q must be contiguous in its last dimension", call,
+           q=torch.randn(B, D, Hq, device=device).transpose(1, 2))
+    for name in ("dir_k", "dir_v", "retained_k", "retained_v", "tail_k", "tail_v"):
+        t = good[name]
+        raises(ValueError, f"{name} must be 4-D", call, **{name: t[0]})
+        raises(TypeError, f"{name} must have the dtype of q", call, **{name: t.half()})
+        raises(ValueError, f"re:{name} must (have the head dim of q|have shape)", call, **{name: t[..., :8]})
+        raises(ValueError, f"re:{name} must have shape", call, **{name: t[:1]})
+        raises(ValueError, f"{name} must be contiguous in its last dimension", call,
+               **{name: t.transpose(-1, -2).contiguous().transpose(-1, -2)})
+    raises(ValueError, "dir_v must have shape", call, dir_v=good["dir_v"][:, :5])
+    raises(ValueError, "retained_v must have shape", call, retained_v=good["retained_v"][:, :, :2])
+    raises(ValueError, "tail_v must have shape", call, tail_v=good["tail_v"][:, :2])
+    raises(ValueError, "q heads (8) must be a multiple of the KV heads of dir_k (3)", call,
+           dir_k=torch.randn(B, P, 3, D, device=device), dir_v=torch.randn(B, P, 3, D, device=device))
+    for name in ("norm_k", "norm_v"):
+        raises(TypeError, f"{name} must be float32", call, **{name: good[name].double()})
+        raises(ValueError, f"{name} must have shape [B, P, Hkv] = [2, 10, 2]", call, **{name: good[name][:, :3]})
+    for name in ("lengths", "tail_lengths", "retained_counts"):
+        raises(TypeError, f"{name} must be int64", call, **{name: good[name].int()})
+        raises(ValueError, f"{name} must have shape", call, **{name: good[name][:1]})
+    raises(ValueError, "scale must be finite and > 0", pk.merged_attention, *good.values(), -1.0)
+    if device == "cuda":
+        raises(ValueError, "dir_k must be on the same device as q", call, dir_k=good["dir_k"].cpu())
+        raises(ValueError, "tail_lengths must be on the same device as q", call, tail_lengths=good["tail_lengths"].cpu())

@@ -11,17 +11,21 @@ from pyramid_kv.generate import batch_prompts
 from models import load, logits_trace, small
 
 
+RESTORE = {"attention": "restore"}
+
+
 def test_retaining_every_token_is_exactly_unmerged():
+    """Restore mode rebuilds the unmerged cache bit for bit."""
     model, prompts = load("random-llama")
     plain, _ = logits_trace(model, pk.preset("full"), prompts)
-    merged, runner = logits_trace(model, pk.preset("full", merge={"start": 1, "retain": 1.0}), prompts)
+    merged, runner = logits_trace(model, pk.preset("full", merge={"start": 1, "retain": 1.0, **RESTORE}), prompts)
     assert sorted(runner.merged) == [1, 3] and torch.equal(plain, merged)
     # With the pyramid: the unmerged reference keeps everything where the merged run may not drop
     # (layer 3 in prefill, layers 3-4 in decode), so both hold the same tokens.
     ratios = [0.6, 0.5, 0.4, 1.0, 0.3]
     base = small(schedule="list", layer_ratios=ratios, decode_layer_ratios=[0.9, 0.8, 0.6, 1.0, 1.0])
     plain, _ = logits_trace(model, base, prompts, steps=24)
-    merged, runner = logits_trace(model, base.replace(merge={"start": 3, "retain": 1.0}), prompts, steps=24)
+    merged, runner = logits_trace(model, base.replace(merge={"start": 3, "retain": 1.0, **RESTORE}), prompts, steps=24)
     assert list(runner.merged) == [3] and torch.equal(plain, merged)
     assert int(runner.layers[1].lengths[0]) < int(runner.prompt_lengths[0]) + 24  # layer 1 compressed
     merged0, _ = logits_trace(model, base.replace(merge={"start": 3, "retain": 0.0}), prompts, steps=24)
@@ -36,7 +40,7 @@ def test_extreme_t_restores_that_layer(t, layer):
     ids, lengths = batch_prompts(prompts)
     runs = {}
     for retain in (1.0, 0.0):
-        r = pk.Runner(model, small(merge={"start": 1, "t": t, "retain": retain}))
+        r = pk.Runner(model, small(merge={"start": 1, "t": t, "retain": retain, **RESTORE}))
         r.prefill(ids, lengths, 4)
         runs[retain] = r
     pair = runs[0.0].merged[1]
@@ -64,6 +68,7 @@ def _restored(runner, which):
     ({"retain": -0.1}, r"merge\['retain'\]"),
     ({"start": -1}, r"merge\['start'\]"),
     ("2", "must be None or a dict"),
+    ({"attention": "fused"}, r"merge\['attention'\] must be one of"),
 ])
 def test_config_errors(merge, message):
     with pytest.raises(ValueError, match=message):
@@ -87,10 +92,12 @@ def test_config_errors_against_the_model_and_other_features():
     assert not cfg.compresses(1, 5) and not cfg.compresses(3, 5) and cfg.compresses(2, 5)
 
 
-def test_bytes_match_a_hand_count():
+@pytest.mark.parametrize("attention", ["direct", "restore"])
+def test_bytes_match_a_hand_count(attention):
     model, prompts = load("random-llama")
     steps, retain = 10, 0.1
-    _, runner = logits_trace(model, small(merge={"start": 3, "retain": retain}), prompts, steps=steps)
+    _, runner = logits_trace(model, small(merge={"start": 3, "retain": retain, "attention": attention}), prompts,
+                             steps=steps)
     st = runner.stats()
     H, D, e = model.config.num_key_value_heads, 64, 4
     row = 2 * H * D * e  # K and V of one token, one layer
@@ -107,7 +114,10 @@ def test_bytes_match_a_hand_count():
     assert st.occupied_bytes == unmerged + l3 + l4 == int(runner.held_bytes().sum())
     assert st.layer_tokens[3] == pytest.approx(sum(lens) / 3 + tail)
     ws_rows = pair.bound + steps  # prefill room for max_new_tokens = steps
-    assert st.workspace_bytes == 3 * ws_rows * row and st.allocated_bytes > st.workspace_bytes
+    if attention == "restore":
+        assert st.workspace_bytes == 3 * ws_rows * row and st.allocated_bytes > st.workspace_bytes
+    else:  # direct attention needs no workspace
+        assert runner.workspace is None and st.workspace_bytes == 0
     assert st.fraction < 1.0
 
 
@@ -119,10 +129,11 @@ def test_ragged_batch_invariance_with_merging():
         assert pk.generate(model, [p], cfg, max_new_tokens=20, stop_tokens=[]).tokens[0] == toks
 
 
-def test_graph_shaped_decode_step_with_merging():
+@pytest.mark.parametrize("attention", ["direct", "restore"])
+def test_graph_shaped_decode_step_with_merging(attention):
     """The CUDA-graph step (whole tail capacity restored, lengths masking) equals the eager one."""
     model, prompts = load("random-llama")
-    cfg = small(merge={"start": 1, "retain": 0.1})
+    cfg = small(merge={"start": 1, "retain": 0.1, "attention": attention})
     eager, _ = logits_trace(model, cfg, prompts, steps=16)
     shaped, _ = logits_trace(model, cfg, prompts, steps=16, graph_shaped=True)
     torch.testing.assert_close(shaped, eager, atol=1e-4, rtol=1e-4)
@@ -145,12 +156,37 @@ def test_tiny_eval_of_the_merging_methods():
             assert r["fraction"] < 1.0 and r["fraction"] <= max(r["target"], r["min_fraction"]) + 1e-9
 
 
+def test_direct_attention_equals_restore():
+    """Attending over the merged slot (ops.merged_attention) gives the restore path's logits up to
+    float32 summation order, over prefill and decode steps, with the pyramid dropping tokens."""
+    model, prompts = load("random-llama")
+    for merge in ({"start": 1, "retain": 0.1}, {"start": 3, "retain": 0.0, "t": 0.3}):
+        restore, _ = logits_trace(model, small(merge={**merge, **RESTORE}), prompts, steps=16)
+        direct, runner = logits_trace(model, small(merge=merge), prompts, steps=16, feed=restore)
+        assert runner.workspace is None and runner.merged
+        torch.testing.assert_close(direct, restore, atol=1e-4, rtol=1e-4)
+
+
+def test_direct_attention_retaining_every_token_matches_unmerged():
+    model, prompts = load("random-llama")
+    plain, _ = logits_trace(model, pk.preset("full"), prompts, steps=16)
+    merged, runner = logits_trace(model, pk.preset("full", merge={"start": 1, "retain": 1.0}), prompts, steps=16,
+                                  feed=plain)
+    assert sorted(runner.merged) == [1, 3] and runner.workspace is None
+    # every prompt token flagged: the merged directions are never read
+    assert all(bool((p.norms[:, 0][:, p.lengths[:, None] > torch.arange(p.bound)] < 0).all())
+               for p in runner.merged.values())
+    torch.testing.assert_close(merged, plain, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("attention", ["direct", "restore"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_cuda_decode_with_merging(dtype):
-    """On the GPU (CUDA merge kernels), on the CPU run's tokens: CUDA-graph replay (the whole tail
-    restored) gives the eager steps' logits, and in float32 both give the CPU's."""
-    cfg = small(merge={"start": 1, "retain": 0.1})
+def test_cuda_decode_with_merging(dtype, attention):
+    """On the GPU (CUDA merge and merged-attention kernels), on the CPU run's tokens: CUDA-graph
+    replay (fixed shapes: the whole tail) gives the eager steps' logits, and in float32 both give
+    the CPU's."""
+    cfg = small(merge={"start": 1, "retain": 0.1, "attention": attention})
     cpu_model, prompts = load("random-llama")
     cpu, _ = logits_trace(cpu_model, cfg, prompts, steps=16)
     model, _ = load("random-llama", "cuda", dtype)

@@ -131,3 +131,54 @@ def test_torch_compile_merge(device):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(a, b, lengths)
     for x, y in zip(eager, compiled):
         assert torch.equal(x, y)
+
+
+def _merged_attention_cases(device):
+    """Argument tuples of merged_attention: every dtype, strided views, empty segments and batches."""
+    from test_merged_attention import make_inputs
+
+    g = torch.Generator().manual_seed(78)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for B, Hq, Hkv, D, P, C, T, strided in [(2, 8, 2, 64, 9, 3, 4, True), (1, 1, 1, 8, 1, 1, 1, False),
+                                                (2, 4, 4, 16, 0, 0, 3, True), (0, 2, 1, 8, 3, 2, 2, False),
+                                                (1, 3, 1, 100, 5, 0, 0, True)]:
+            args = make_inputs(g, B, Hq, Hkv, D, P, C, T, dtype, strided, pad=1 if D == 100 else 0)
+            yield tuple(a.to(device) for a in args) + (0.2,)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_merged_attention(device):
+    n = 0
+    for args in _merged_attention_cases(device):
+        torch.library.opcheck(torch.ops.pyramid_kv.merged_attention.default, args)
+        n += 1
+    assert n == 15
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_merged_attention(device):
+    """Merge, flag the most divergent tokens and attend over the merged slot in one compiled graph."""
+
+    def step(q, k, v, lengths, tail_k, tail_v, tail_lengths):
+        dk, nk, _, dist_k = torch.ops.pyramid_kv.slerp_merge(k, k.flip(1), 0.5, 1e-6)
+        dv, nv, _, _ = torch.ops.pyramid_kv.slerp_merge(v, v.flip(1), 0.5, 1e-6)
+        B, P, H, D = k.shape
+        idx, counts = torch.ops.pyramid_kv.select_top_k(dist_k.transpose(1, 2).reshape(B * H, P),
+                                                        lengths.repeat_interleave(H), None, 2, 0, 0, 0, 2)
+        idx, counts = idx.view(B, H, 2).long().clamp(min=0), counts.view(B, H).long()
+        rk, rv = torch.ops.pyramid_kv.compact([k.transpose(1, 2), v.transpose(1, 2)], idx, counts)
+        flag = torch.zeros(B, H, P, device=k.device).scatter(2, idx, 1.0).transpose(1, 2) > 0
+        nk = torch.where(flag, -1.0, nk)
+        out = torch.ops.pyramid_kv.merged_attention(q, dk, dv, nk, nv, lengths, rk, rv, counts,
+                                                    tail_k, tail_v, tail_lengths, 0.125)
+        return out * 2, counts
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 64, generator=g).to(device)
+    k, v = torch.randn(2, 2, 30, 2, 64, generator=g).to(device)
+    tk, tv = torch.randn(2, 2, 5, 2, 64, generator=g).to(device)
+    lengths, tail_lengths = torch.tensor([30, 17], device=device), torch.tensor([5, 0], device=device)
+    eager = step(q, k, v, lengths, tk, tv, tail_lengths)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, lengths, tk, tv, tail_lengths)
+    for x, y in zip(eager, compiled):
+        assert torch.equal(x, y)

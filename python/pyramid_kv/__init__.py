@@ -16,8 +16,8 @@ except ImportError as e:  # pragma: no cover - only without a built extension
         "`pip install --no-build-isolation .` against the torch you run with") from e
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
-from .ops import (Selection, compact, compact_, ensemble_scores, select_top_k,  # noqa: E402
-                  select_top_p)
+from .ops import (Selection, compact, compact_, ensemble_scores, merged_attention,  # noqa: E402
+                  select_top_k, select_top_p)
 from .config import PRESETS, PyramidConfig, preset  # noqa: E402
 from .generate import GenerationOutput, generate  # noqa: E402
 from .runner import Runner  # noqa: E402
@@ -36,6 +36,7 @@ __all__ = [
     "ensemble_scores",
     "calibrate_kvsharer",
     "generate",
+    "merged_attention",
     "preset",
     "select_top_k",
     "select_top_p",

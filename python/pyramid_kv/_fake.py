@@ -62,3 +62,9 @@ def _slerp_restore(direction: Tensor, norm: Tensor) -> Tensor:
 @torch.library.register_fake("pyramid_kv::slerp_restore_out")
 def _slerp_restore_out(direction: Tensor, norm: Tensor, out: Tensor) -> None:
     return None
+
+
+@torch.library.register_fake("pyramid_kv::merged_attention")
+def _merged_attention(q, dir_k, dir_v, norm_k, norm_v, lengths, retained_k, retained_v,
+                      retained_counts, tail_k, tail_v, tail_lengths, scale) -> Tensor:
+    return q.new_empty(q.shape)

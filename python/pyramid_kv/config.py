@@ -19,7 +19,8 @@ SCHEDULES = ("cosine", "power", "linear", "constant", "list")
 SELECTIONS = ("count", "mass")
 WEIGHTINGS = ("uniform", "linear")
 POLICIES = ("pyramid", "h2o", "streaming", "snapkv")
-MERGE_DEFAULTS: Dict[str, Any] = {"start": None, "t": 0.5, "retain": 0.05}
+MERGE_DEFAULTS: Dict[str, Any] = {"start": None, "t": 0.5, "retain": 0.05, "attention": "direct"}
+MERGE_ATTENTION = ("direct", "restore")
 
 
 def _ratio(name: str, value: float, *, zero_ok: bool = False) -> None:
@@ -88,10 +89,12 @@ class PyramidConfig:
     # layer 3 layer 2's; see pyramid_kv.sharing), or None for every layer owning its K/V
     sharing: Optional[str] = None
     # ---- MiniCache cross-layer merging (pyramid_kv.merging): None, or a dict with any of
-    # "start" (first merged layer, default half depth), "t" (SLERP weight, 0.5) and "retain"
-    # (fraction of each (sequence, KV head)'s tokens kept unmerged, the most divergent, 0.05).
-    # Layers (start, start+1), (start+2, start+3), ... are merged pairs.
-    merge: Optional[Dict[str, float]] = None
+    # "start" (first merged layer, default half depth), "t" (SLERP weight, 0.5), "retain"
+    # (fraction of each (sequence, KV head)'s tokens kept unmerged, the most divergent, 0.05) and
+    # "attention" ("direct": ops.merged_attention over the merged slot, the default; "restore":
+    # restore into a workspace, then flash decode attention). Layers (start, start+1),
+    # (start+2, start+3), ... are merged pairs.
+    merge: Optional[Dict[str, Any]] = None
     name: str = "custom"
 
     # ------------------------------------------------------------------ validation
@@ -146,6 +149,9 @@ class PyramidConfig:
             _count("merge['start']", m["start"])
         _ratio("merge['t']", m.get("t", MERGE_DEFAULTS["t"]), zero_ok=True)
         _ratio("merge['retain']", m.get("retain", MERGE_DEFAULTS["retain"]), zero_ok=True)
+        attention = m.get("attention", MERGE_DEFAULTS["attention"])
+        if attention not in MERGE_ATTENTION:
+            raise ValueError(f"merge['attention'] must be one of {MERGE_ATTENTION}, got {attention!r}")
         if self.kv_budget is not None:
             raise ValueError("merge cannot be combined with kv_budget (merged pairs are not evicted)")
 

@@ -11,10 +11,15 @@ After prefill, a merged pair (l, l + 1) keeps, for the prompt tokens both layers
 
 Decode tokens are never merged: each layer of a pair appends them raw to its own small tail
 (a ``LayerCache`` without prompt rows), and decode compression leaves merged layers alone.
-To attend, a layer of a pair restores into ONE workspace shared by every merged layer: norm *
-direction for the prompt rows (``ops.slerp_restore`` out=), the retained rows written over
-them, and the layer's tail rows right after each sequence's prompt rows, so the workspace has
-the layout of an unmerged cache of the same tokens.
+The K norm of a retained (sequence, head, token) is stored as -1 in both layers: it marks the
+token so that attention skips its merged row (its original row is among the retained ones).
+
+To attend, a layer of a pair either runs ``ops.merged_attention`` directly over directions,
+norms, retained rows and its tail (``attend``, merge["attention"] = "direct"), or restores into
+ONE workspace shared by every merged layer (``restore``, "restore"): norm * direction for the
+prompt rows (``ops.slerp_restore`` out=), the retained rows written over them, and the layer's
+tail rows right after each sequence's prompt rows, so the workspace has the layout of an
+unmerged cache of the same tokens.
 """
 
 from __future__ import annotations
@@ -60,13 +65,29 @@ class MergedPair:
             live = torch.arange(C, device=idx.device) < cnt[..., None]
             idx = torch.where(live, idx, idx[..., :1]).clamp(min=0)
         rows = ops.compact([a[0], a[1], b[0], b[1]], idx, torch.full_like(cnt, C), validate=False)
+        if C:  # flag the retained tokens by a negative K norm in both layers (live entries only)
+            hits = torch.zeros(B, H, bound, dtype=torch.int32, device=idx.device)
+            hits.scatter_add_(2, idx, live.int())  # add, not assign: padding repeats an index
+            norms[:, 0].masked_fill_((hits > 0).transpose(1, 2)[None], -1.0)
         return cls(layers, [mk.direction, mv.direction], norms, [rows[:2], rows[2:]], idx, cnt,
                    lengths.clone(), bound, exact)
+
+    def attend(self, which: int, q: Tensor, tail: LayerCache, scale: float) -> Tensor:
+        """Decode attention of layer `which` (0 or 1) of the pair, q [B, Hq, 1, D] -> [B, Hq, 1, D],
+        over its merged prompt rows, its retained rows and its raw tail, without restoring them
+        (ops.merged_attention; fixed shapes: the tail's whole capacity, lengths select the rows)."""
+        n = self.norms[which]
+        out = ops.merged_attention(q[:, :, 0], self.direction[0], self.direction[1], n[0], n[1],
+                                   self.lengths, self.retained[which][0], self.retained[which][1],
+                                   self.counts, tail.k_store, tail.v_store, tail.lengths, scale)
+        return out.unsqueeze(2)
 
     def restore(self, which: int, ws: LayerCache, tail: LayerCache, graph: bool) -> LayerCache:
         """Fill the shared workspace with layer `which` (0 or 1) of the pair: restored prompt
         rows, its retained rows, then its raw tail; returns ws, ready for decode_attention.
-        graph=True: fixed shapes (the tail's whole capacity), for CUDA-graph capture."""
+        graph=True: fixed shapes (the tail's whole capacity), for CUDA-graph capture. A
+        retained token's prompt row restores to -direction (its flag), then its retained row
+        overwrites it, so the workspace holds exactly the unmerged rows."""
         P, (B, H, C, D) = self.bound, self.indices.shape + (self.direction[0].shape[3],)
         T = tail.capacity if graph else tail.bound
         at = (self.lengths[:, None] + torch.arange(T, device=self.lengths.device))[:, :, None, None]

@@ -321,3 +321,49 @@ def slerp_restore(direction: Tensor, norm: Tensor, out: Optional[Tensor] = None)
         return _ops.slerp_restore.default(direction, norm)
     _ops.slerp_restore_out.default(direction, norm, out)
     return out
+
+
+def merged_attention(q: Tensor, dir_k: Tensor, dir_v: Tensor, norm_k: Tensor, norm_v: Tensor,
+                     lengths: Tensor, retained_k: Tensor, retained_v: Tensor,
+                     retained_counts: Tensor, tail_k: Tensor, tail_v: Tensor,
+                     tail_lengths: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Decode attention over a MiniCache merged layer without restoring its K/V.
+
+    The key set of (sequence b, KV head h) is the union of: the prompt tokens t < lengths[b]
+    with ``norm_k[b, t, h] >= 0`` (key ``norm_k * dir_k``, value ``norm_v * dir_v``, products in
+    float32; a negative key norm flags a retained token, whose original row is given in the
+    retained rows instead), the retained rows c < retained_counts[b, h], and the tail rows
+    u < tail_lengths[b]. Query head ``hq`` reads KV head ``hq // (Hq // Hkv)``.
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, D]
+        One decode query per sequence and query head; float32, float16 or bfloat16; contiguous
+        last dim.
+    dir_k, dir_v : Tensor [B, P, Hkv, D]
+        The merged pair's shared unit directions (token-major, as ``slerp_merge`` returns them
+        for a ``[B, N, H, D]`` cache), q's dtype, any strides with a contiguous last dim.
+    norm_k, norm_v : Tensor [B, P, Hkv], float32
+        This layer's norms (any strides).
+    lengths : Tensor [B], int64
+        Prompt rows of each sequence (clamped into [0, P]).
+    retained_k, retained_v : Tensor [B, Hkv, C, D]
+        This layer's original rows of the retained tokens (any strides, contiguous last dim).
+    retained_counts : Tensor [B, Hkv], int64
+        Valid retained rows per (sequence, KV head) (clamped into [0, C]).
+    tail_k, tail_v : Tensor [B, T, Hkv, D]
+        Raw decode tokens, token-major (a ``LayerCache``'s ``k_store`` / ``v_store``).
+    tail_lengths : Tensor [B], int64
+        Valid tail rows of each sequence (clamped into [0, T]).
+    scale : float, optional
+        Softmax scale, finite and > 0; default ``D ** -0.5``.
+
+    Returns
+    -------
+    Tensor [B, Hq, D] in q's dtype: ``softmax(scale * q . k) @ v`` over the key set, computed in
+    float32; zeros for a head with no keys. No host synchronisation (CUDA-graph safe).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _ops.merged_attention.default(q, dir_k, dir_v, norm_k, norm_v, lengths, retained_k,
+                                         retained_v, retained_counts, tail_k, tail_v,
+                                         tail_lengths, scale)

@@ -172,3 +172,40 @@ def slerp_merge(a: Tensor, b: Tensor, t: float = 0.5, eps: float = 1e-6, *,
 def slerp_restore(direction: Tensor, norm: Tensor) -> Tensor:
     """norm[..., None] * direction in float64, rounded to direction's dtype."""
     return (norm.double()[..., None] * direction.double()).to(direction.dtype)
+
+
+def merged_attention(q: Tensor, dir_k: Tensor, dir_v: Tensor, norm_k: Tensor, norm_v: Tensor,
+                     lengths: Tensor, retained_k: Tensor, retained_v: Tensor,
+                     retained_counts: Tensor, tail_k: Tensor, tail_v: Tensor,
+                     tail_lengths: Tensor, scale: Optional[float] = None, *,
+                     compute_dtype: torch.dtype = torch.float64) -> Tensor:
+    """Decode attention over a merged layer as in docs/ops.md: the key set built explicitly
+    ([prompt | retained | tail] rows, token-major), a masked softmax, zeros for an empty set.
+
+    ``compute_dtype`` float64 is the definition; the benchmarks pass float32 for an eager
+    baseline. Returns [B, Hq, D] in q's dtype.
+    """
+    B, Hq, D = q.shape
+    P, Hkv = dir_k.shape[1], dir_k.shape[2]
+    C, T = retained_k.shape[2], tail_k.shape[1]
+    G = Hq // Hkv if Hkv else 1
+    scale = D ** -0.5 if scale is None else scale
+    dev, ct = q.device, compute_dtype
+    keys = torch.cat([norm_k.to(ct)[..., None] * dir_k.to(ct), retained_k.to(ct).transpose(1, 2),
+                      tail_k.to(ct)], dim=1)  # [B, P + C + T, Hkv, D]
+    values = torch.cat([norm_v.to(ct)[..., None] * dir_v.to(ct), retained_v.to(ct).transpose(1, 2),
+                        tail_v.to(ct)], dim=1)
+    ar = lambda n: torch.arange(n, device=dev)  # noqa: E731
+    prompt = (ar(P) < lengths.clamp(0, P)[:, None])[:, :, None] & (norm_k >= 0)     # [B, P, Hkv]
+    kept = (ar(C) < retained_counts.clamp(0, C)[..., None]).transpose(1, 2)         # [B, C, Hkv]
+    tail = (ar(T) < tail_lengths.clamp(0, T)[:, None])[:, :, None].expand(B, T, Hkv)
+    valid = torch.cat([prompt, kept, tail], dim=1)                                  # [B, N, Hkv]
+    values = values.masked_fill(~valid[..., None], 0.0)  # padding rows never reach the output
+    qg = q.to(ct).reshape(B, Hkv, G, D)
+    s = torch.einsum("bhgd,bnhd->bhgn", qg, keys) * scale
+    mask = valid.transpose(1, 2)[:, :, None, :]                                     # [B, Hkv, 1, N]
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # an empty key set: all -inf -> NaN -> 0
+    p = torch.where(mask, p, 0.0)
+    out = torch.einsum("bhgn,bnhd->bhgd", p, values)
+    return out.reshape(B, Hq, D).to(q.dtype)

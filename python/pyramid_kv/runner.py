@@ -24,7 +24,8 @@ of the slot's, and its prefill attention masks on original positions (key <= que
 
 MiniCache merging (config.merge, pyramid_kv.merging): prefill runs unmerged; then each merged
 pair (l, l + 1) stores its prompt K/V as shared SLERP directions, per-layer norms and retained
-rows, and its decode tokens raw in per-layer tails. No token dropping happens between the two
+rows, and its decode tokens raw in per-layer tails; decode attends over them directly
+(ops.merged_attention) or over a restored workspace (merge["attention"] = "restore"). No token dropping happens between the two
 layers of a pair (they hold the same tokens), and decode compression skips merged layers.
 
 Batches are ragged and left-aligned: sequence b holds rows [0, lengths[b]) of every buffer.
@@ -177,7 +178,7 @@ class Runner:
                 h, pos, lens, width = self._drop_tokens(li, h, pos, scores.sum(1), lens, recent, rows, width)
                 exact = False
         self.hidden = h
-        if self.merged:
+        if self.merged and cfg.merge_option("attention") == "restore":  # direct: no workspace
             P = max(p.bound for p in self.merged.values())
             self.workspace = self._tail(self.layers[min(self.merged)].k, P + max_new_tokens)
         last = h[torch.arange(B, device=dev), lens - 1]
@@ -331,11 +332,14 @@ class Runner:
                 c.write(k, v, q, self.next_pos)
             else:  # a reader: the slot, written by its lower owner this step, already holds the token
                 q = a.q_only(layer, layer.input_layernorm(h), cos, sin)
-            if li in self.pair_of:  # c is the layer's tail: attend over the restored workspace
-                first = self.pair_of[li][0]
-                c = self.merged[first].restore(li - first, self.workspace, c, graph)
-                width = c.capacity if graph else c.bound
-            o = decode_attention(q, c, scale, width)
+            pair = self.merged.get(self.pair_of[li][0]) if li in self.pair_of else None
+            if pair is not None and self.workspace is None:  # c is the tail: attend over the merged slot
+                o = pair.attend(li - pair.layers[0], q, c, scale)
+            else:
+                if pair is not None:  # "restore": attend over the restored workspace
+                    c = pair.restore(li - pair.layers[0], self.workspace, c, graph)
+                    width = c.capacity if graph else c.bound
+                o = decode_attention(q, c, scale, width)
             if c.accumulated is not None and owner:  # H2O: add this query's attention to every key
                 c.accumulated[:, :, :width, 0] += ops.ensemble_scores(
                     q, c.keys(width), c.lengths, scale=scale, validate=False)
