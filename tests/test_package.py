@@ -8,7 +8,8 @@ import torch
 import pyramid_kv
 from pyramid_kv import _build_info
 
-OPS = ["compact", "compact_", "compact_out", "ensemble_scores", "select_top_k", "select_top_p"]
+OPS = ["compact", "compact_", "compact_out", "ensemble_scores", "select_top_k", "select_top_p",
+       "slerp_merge", "slerp_restore", "slerp_restore_out", "merged_attention"]
 
 
 def test_info_command():

@@ -32,4 +32,17 @@ inline kernels::IndexArray index_array(const Tensor& t) {
   return {t.const_data_ptr(), t.scalar_type() == at::kLong};
 }
 
+// Every [D] row of a 4-d tensor t starts on a 16-byte boundary and holds whole 16-byte chunks.
+// Strides of size-1 dims never move a row, so they do not count.
+inline bool rows_aligned16(const Tensor& t) {
+  const int64_t es = t.element_size();
+  if ((t.size(3) * es) % 16 != 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) {
+    return false;
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (t.size(i) > 1 && (t.stride(i) * es) % 16 != 0) return false;
+  }
+  return true;
+}
+
 }  // namespace pyramid_kv

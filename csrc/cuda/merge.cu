@@ -6,19 +6,6 @@ namespace {
 
 kernels::Strides3 strides3(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// Every [D] row of t starts on a 16-byte boundary and holds whole 16-byte chunks. Strides of
-// size-1 dims never move a row, so they do not count.
-bool rows_aligned16(const Tensor& t) {
-  const int64_t es = t.element_size();
-  if ((t.size(3) * es) % 16 != 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) {
-    return false;
-  }
-  for (int i = 0; i < 3; ++i) {
-    if (t.size(i) > 1 && (t.stride(i) * es) % 16 != 0) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> slerp_merge_cuda(const Tensor& a, const Tensor& b,

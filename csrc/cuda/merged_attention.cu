@@ -10,19 +10,6 @@
 namespace pyramid_kv {
 namespace {
 
-// Every [D] row of t starts on a 16-byte boundary and holds whole 16-byte chunks. Strides of
-// size-1 dims never move a row, so they do not count. (As in merge.cu.)
-bool rows_aligned16(const Tensor& t) {
-  const int64_t es = t.element_size();
-  if ((t.size(3) * es) % 16 != 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) {
-    return false;
-  }
-  for (int i = 0; i < 3; ++i) {
-    if (t.size(i) > 1 && (t.stride(i) * es) % 16 != 0) return false;
-  }
-  return true;
-}
-
 // Rows of a [B, X, Y, D] tensor whose row index is dim `row` and KV-head index dim `head`.
 kernels::KVRows kv_rows(const Tensor& k, const Tensor& v, int head, int row) {
   return {k.const_data_ptr(), v.const_data_ptr(), k.stride(0), k.stride(head), k.stride(row),
