@@ -170,10 +170,8 @@ def emulate(seed, B, tensors, N, C, per_head, idx_rows_fn, blocks, mode, bad=Fal
     def ready(tile):
         return all(flags[f] for f in tile["awaited"])
 
-    def block():  # thread 0 takes each ticket one tile ahead of its use (`ahead`)
+    def block():
         tid = take()
-        yield
-        ahead = take()
         yield
         if tid is None:
             return
@@ -181,11 +179,9 @@ def emulate(seed, B, tensors, N, C, per_head, idx_rows_fn, blocks, mode, bad=Fal
         yield
         published = False
         while True:
-            nid, ahead = ahead, take()
+            nid = take()
             yield
             nxt = load(nid) if nid is not None else None
-            yield
-            ok = ready(cur)  # warp 0's check, before the loads of `cur` are waited for
             yield
             land(cur)
             yield
@@ -194,6 +190,8 @@ def emulate(seed, B, tensors, N, C, per_head, idx_rows_fn, blocks, mode, bad=Fal
                 yield
             published = False
             if cur["moves"]:  # __syncthreads_or(cur != 0)
+                ok = ready(cur)
+                yield
                 STATS["checks"] += 1
                 if not ok:
                     STATS["not ready"] += 1

@@ -25,15 +25,12 @@
 // [S, E) (a range [a, b] of row tiles that two warps find by 32-way searches of the ascending
 // index row), (4) pass a barrier and store. Blocks are software-pipelined: a block issues the
 // loads of its next tile before it publishes, waits for and stores its current one, so the
-// protocol's latency overlaps a tile of loads in flight; warp 0 checks (3)'s flags while (1)'s
-// loads are in flight, so the barrier of (2) also serves (4) unless a flag is still clear (then
-// the block finishes its next tile's loads, publishes them and spins).
+// protocol's latency overlaps a tile of loads in flight.
 //
 // In-place tile ids run round-major: row tile (round) r of every segment of every tensor of a
 // group (consecutive tensors tiled alike, such as K and V) before round r + 1, so the tiles a
 // tile may await are usually finished long before. Blocks take tiles in id order from an
-// atomic ticket (one tile ahead of use), skipping the rounds beyond the longest move of the
-// call. Every tile publishes
+// atomic ticket, skipping the rounds beyond the longest move of the call. Every tile publishes
 // without waiting for anything, and waits only for lower ids, which have all been handed out:
 // no deadlock, for any index values and any scheduling of blocks (docs/perf/compact.md).
 #pragma once
@@ -518,7 +515,6 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   __shared__ int64_t s_id[2];
   __shared__ int64_t s_wait[2][2];
   __shared__ TileMeta s_meta[2];
-  __shared__ bool s_ready[2];  // every awaited flag of the stage's tile was set (warp 0's check)
   __shared__ int64_t s_tiles[kMaxCompactTensors];  // tiles handed out per group
   __shared__ int64_t s_max[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -528,12 +524,9 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   most = warp_max(most);
   if (lane == 0) s_max[warp] = most;
   __syncthreads();
-  // Thread 0 alone takes tickets: a ticket v maps to the v-th tile of the rounds with work. It
-  // takes each ticket one tile ahead of its use (`ahead`), so the atomic's round trip overlaps
-  // a tile's work instead of lengthening the chain ticket -> indices -> data of every tile.
-  // Holding a ticket one tile early cannot deadlock: a tile only awaits lower ids, and a block
-  // works on its held tiles in id order, so the lowest unfinished tile is always being worked on.
-  auto take = [&](int64_t v) -> int64_t {
+  // Thread 0 alone takes tickets: a ticket v maps to the v-th tile of the rounds with work.
+  auto take = [&]() -> int64_t {
+    int64_t v = atomicAdd(w.ticket, 1u);
     for (int g = 0; g < p.num_tensors; ++g) {
       if (p.group[g] != g) continue;
       if (v < s_tiles[g]) return p.t[g].first_tile + v;
@@ -548,9 +541,8 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
       const int64_t rounds = min(x.row_tiles, (most + x.tile_rows - 1) / x.tile_rows);
       s_tiles[g] = p.group[g] == g ? rounds * p.B * x.H * x.stripes * p.group_size[g] : 0;
     }
-    s_id[0] = take(atomicAdd(w.ticket, 1u));
+    s_id[0] = take();
   }
-  unsigned ahead = threadIdx.x == 0 ? atomicAdd(w.ticket, 1u) : 0u;  // thread 0's next ticket
   __syncthreads();
 
   auto load = [&](int64_t id, int s) {
@@ -591,26 +583,18 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   bool published = false;  // the current tile's flag is already set (uniform)
   while (true) {
     // s_id[s ^ 1] was last read before the previous iteration's barriers.
-    if (threadIdx.x == 0) {
-      s_id[s ^ 1] = take(ahead);
-      ahead = atomicAdd(w.ticket, 1u);
-    }
+    if (threadIdx.x == 0) s_id[s ^ 1] = take();
     __syncthreads();
     const int64_t next_id = s_id[s ^ 1];
     const unsigned next = next_id >= 0 ? load(next_id, s ^ 1) : 0u;
     cp_async_commit();  // possibly empty: the group of `cur` is then never the newest
-    // Warp 0 checks the awaited flags of `cur` while the loads are in flight (its round trip
-    // then costs no barrier of its own); the barrier below hands the answer to every thread.
-    if (warp == 0) {
-      const bool ready = awaited(s, false);
-      if (lane == 0) s_ready[s] = ready;  // next written two tiles later, after more barriers
-    }
     cp_async_wait_one();  // this thread's loads of `cur` have landed
     const bool any = __syncthreads_or(cur != 0u);  // every load of `cur` has returned
     if (threadIdx.x == 0 && !published) publish(s);  // this tile's reads are done
     published = false;
     if (any) {  // uniform
-      if (!s_ready[s]) {  // uniform
+      const bool ready = __syncthreads_and(warp != 0 || awaited(s, false));
+      if (!ready) {
         // Some awaited tile is still reading. Finish and publish the next tile's loads first,
         // so that no tile's flag ever waits for another flag, then spin.
         asm volatile("cp.async.wait_group 0;" ::: "memory");
