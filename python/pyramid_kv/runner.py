@@ -25,8 +25,9 @@ of the slot's, and its prefill attention masks on original positions (key <= que
 MiniCache merging (config.merge, pyramid_kv.merging): prefill runs unmerged; then each merged
 pair (l, l + 1) stores its prompt K/V as shared SLERP directions, per-layer norms and retained
 rows, and its decode tokens raw in per-layer tails; decode attends over them directly
-(ops.merged_attention) or over a restored workspace (merge["attention"] = "restore"). No token dropping happens between the two
-layers of a pair (they hold the same tokens), and decode compression skips merged layers.
+(ops.merged_attention) or over a restored workspace (merge["attention"] = "restore"). No token
+dropping happens between the two layers of a pair (they hold the same tokens), and decode
+compression skips merged layers.
 
 Batches are ragged and left-aligned: sequence b holds rows [0, lengths[b]) of every buffer.
 Per-sequence values stay on the device; only upper bounds (buffer widths) live on the host, so
