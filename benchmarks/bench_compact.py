@@ -69,19 +69,15 @@ def configs():
             yield Config(B, H, N, D, keep)
 
 
-def bench(c: Config):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dt = torch.bfloat16
-    k = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
-    v = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
-    C = c.C
-    idx = torch.rand(c.B, c.N, device="cuda", generator=g).argsort(dim=1)[:, :C].sort(dim=1).values
-    counts = torch.full((c.B,), C, device="cuda", dtype=torch.int64)
-    ix = idx[:, None, :, None].expand(c.B, c.H, C, c.D)
-    ko, vo = torch.empty(c.B, c.H, C, c.D, device="cuda", dtype=dt), torch.empty(c.B, c.H, C, c.D, device="cuda", dtype=dt)
+def time_variants(k, v, idx, counts, copy_bytes: int, timer=time_cuda):
+    """torch.gather, the kernel out of place, in place (on clones of k and v) and a copy of
+    `copy_bytes`: (whether all three compactions agree bit for bit, {name: microseconds})."""
+    B, H, _, D = k.shape
+    C = idx.shape[1]
+    ix = idx[:, None, :, None].expand(B, H, C, D)
+    ko, vo = k.new_empty(B, H, C, D), v.new_empty(B, H, C, D)
     k2, v2 = k.clone(), v.clone()
-    kept_bytes = 2 * c.B * c.H * C * c.D * k.element_size()
-    csrc = torch.empty(kept_bytes, dtype=torch.uint8, device="cuda")
+    csrc = torch.empty(copy_bytes, dtype=torch.uint8, device=k.device)
     cdst = torch.empty_like(csrc)
 
     gather = lambda: (torch.gather(k, 2, ix), torch.gather(v, 2, ix))  # noqa: E731
@@ -96,9 +92,20 @@ def bench(c: Config):
     match = (torch.equal(ko, gk) and torch.equal(vo, gv)
              and torch.equal(k2[:, :, :C], gk) and torch.equal(v2[:, :, :C], gv))
     del gk, gv
+    return match, {name: timer(fn) for name, fn in
+                   [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
 
-    t = {name: time_cuda(fn) for name, fn in
-         [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
+
+def bench(c: Config):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+    k = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
+    C = c.C
+    idx = torch.rand(c.B, c.N, device="cuda", generator=g).argsort(dim=1)[:, :C].sort(dim=1).values
+    counts = torch.full((c.B,), C, device="cuda", dtype=torch.int64)
+    kept_bytes = 2 * c.B * c.H * C * c.D * k.element_size()
+    match, t = time_variants(k, v, idx, counts, kept_bytes)
     moved = 2 * kept_bytes  # read + write
     row = {**asdict(c), "C": C, "mbytes": moved / 1e6, "match": match}
     for name, us in t.items():
@@ -109,7 +116,7 @@ def bench(c: Config):
     row["kernel_x_gather"] = t["gather"] / t["kernel"]
     row["inplace_x_gather"] = t["gather"] / t["inplace"]
     row["floor_us"] = t["copy"]
-    del k, v, k2, v2, ko, vo, csrc, cdst
+    del k, v
     torch.cuda.empty_cache()
     return row
 
@@ -124,29 +131,10 @@ def bench_decode(c: DecodeConfig):
     ar = lambda n, at: torch.arange(at, at + n, device="cuda").expand(c.B, n)  # noqa: E731
     idx = torch.cat([ar(c.prefix, 0), c.prefix + offs, ar(c.tail, c.prefix + c.chunk)], dim=1)
     counts = torch.full((c.B,), C, device="cuda", dtype=torch.int64)
-    ix = idx[:, None, :, None].expand(c.B, c.H, C, c.D)
-    ko, vo = torch.empty(c.B, c.H, C, c.D, device="cuda", dtype=dt), torch.empty(c.B, c.H, C, c.D, device="cuda", dtype=dt)
-    k2, v2 = k.clone(), v.clone()
-    row_bytes = c.D * k.element_size()
     moving_rows = int((idx != torch.arange(C, device="cuda")).sum())  # over the batch
-    moved = 2 * 2 * moving_rows * c.H * row_bytes  # read + write, K and V
-    csrc = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
-    cdst = torch.empty_like(csrc)
-
-    gather = lambda: (torch.gather(k, 2, ix), torch.gather(v, 2, ix))  # noqa: E731
-    kernel = lambda: pk.compact([k, v], idx, counts, out=[ko, vo], validate=False)  # noqa: E731
-    inplace = lambda: pk.compact_([k2, v2], idx, counts, validate=False)  # noqa: E731
-    copy = lambda: cdst.copy_(csrc)  # noqa: E731
-
-    gk, gv = gather()
-    kernel()
-    inplace()
-    match = (torch.equal(ko, gk) and torch.equal(vo, gv)
-             and torch.equal(k2[:, :, :C], gk) and torch.equal(v2[:, :, :C], gv))
-    del gk, gv
+    moved = 2 * 2 * moving_rows * c.H * c.D * k.element_size()  # read + write, K and V
     # Repeated calls move the same rows again: the same work every time.
-    t = {name: time_cuda(fn) for name, fn in
-         [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
+    match, t = time_variants(k, v, idx, counts, moved // 2)
     row = {**asdict(c), "C": C, "moving_rows_per_seq": moving_rows / c.B, "mbytes": moved / 1e6,
            "match": match}
     for name, us in t.items():
@@ -156,7 +144,7 @@ def bench_decode(c: DecodeConfig):
     row["inplace_pct_copy"] = 100 * t["copy"] / t["inplace"]
     row["inplace_x_kernel"] = t["kernel"] / t["inplace"]
     row["inplace_x_gather"] = t["gather"] / t["inplace"]
-    del k, v, k2, v2, ko, vo, csrc, cdst
+    del k, v
     torch.cuda.empty_cache()
     return row
 
