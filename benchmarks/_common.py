@@ -55,6 +55,20 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 5, rep: int = 30, cold_
     return statistics.median(times)
 
 
+def time_graph(fn: Callable[[], object], **kw) -> float:
+    """time_cuda of fn captured in a CUDA graph: the GPU time of an eager pipeline without the
+    host's per-op launch overhead (the fairest figure for a multi-op torch baseline)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture (allocator, lazy init)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_cuda(graph.replay, **kw)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

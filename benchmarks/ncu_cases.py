@@ -37,6 +37,8 @@ def compact_case(mode: str, B: int, H: int, N: int, keep: float, D: int = 128):
 
 
 CASES = {
+    "select_p_f32_1280x768": lambda: select_case("p", "float32", 1280, 768),
+    "select_k_f32_1280x768": lambda: select_case("k", "float32", 1280, 768),
     "select_p_f32_32x131072": lambda: select_case("p", "float32", 32, 131072),
     "select_p_bf16_32x131072": lambda: select_case("p", "bfloat16", 32, 131072),
     "select_k_f32_32x131072": lambda: select_case("k", "float32", 32, 131072),
