@@ -20,10 +20,11 @@
 // never reads a row that an earlier one writes; the only hazard is an EARLIER tile k reading a
 // row of [S, E) that this tile overwrites (write-after-read). Protocol per tile: (1) load all
 // source chunks (cp.async into shared memory) and wait for them, (2) pass a block barrier and
-// publish a "read done" flag (fence + release store, the pattern of a cooperative grid
-// barrier), (3) wait for the flags of the earlier tiles of its stripe whose sources can lie in
-// [S, E) (a range [a, b] of row tiles that two warps find by 32-way searches of the ascending
-// index row), (4) pass a barrier and store. Blocks are software-pipelined: a block issues the
+// publish a "read done" flag (one thread's release store after the barrier; the awaiting
+// side reads flags with acquire loads, then a barrier: CUTLASS's grid-barrier pattern), (3)
+// wait for the flags of the earlier tiles of its stripe whose sources can lie in [S, E) (a
+// range [a, b] of row tiles that two warps find by 32-way searches of the ascending index
+// row), (4) pass a barrier and store. Blocks are software-pipelined: a block issues the
 // loads of its next tile before it publishes, waits for and stores its current one, so the
 // protocol's latency overlaps a tile of loads in flight.
 //
@@ -567,12 +568,13 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
           done = false;
         }
       }
-      __threadfence();
     }
     return __all_sync(0xffffffffu, done);
   };
-  auto publish = [&](int st) {  // thread 0, after a barrier that follows all loads of the tile
-    __threadfence();
+  // Thread 0, after a barrier that follows all loads of the tile: the barrier orders every
+  // thread's reads before the release (CUTLASS's grid barrier pattern; no separate fence, which
+  // would also wait for this thread's stores of the previous tile).
+  auto publish = [&](int st) {
     release_flag(w.flags + s_meta[st].id);
   };
 
