@@ -573,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   };
   // Thread 0, after a barrier that follows all loads of the tile: the barrier orders every
   // thread's reads before the release (CUTLASS's grid-barrier pattern). A fence.sc before it,
-  // and another after the awaited acquires, cost 5-7 points of copy bandwidth (measured).
+  // and another after the awaited acquires, cost 7-10 points of copy bandwidth (measured).
   auto publish = [&](int st) {
     release_flag(w.flags + s_meta[st].id);
   };
