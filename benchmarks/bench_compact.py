@@ -96,14 +96,22 @@ def time_variants(k, v, idx, counts, copy_bytes: int, timer=time_cuda):
                    [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
 
 
+def random_kv(c, g: torch.Generator):
+    """bf16 K and V [B, H, N, D] of a Config or DecodeConfig."""
+    return [torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(2)]
+
+
+def make_inputs(c: Config, g: torch.Generator):
+    """K, V, a random ascending index set of C rows per sequence, and its counts."""
+    k, v = random_kv(c, g)
+    idx = torch.rand(c.B, c.N, device="cuda", generator=g).argsort(dim=1)[:, :c.C].sort(dim=1).values
+    return k, v, idx, torch.full((c.B,), c.C, device="cuda", dtype=torch.int64)
+
+
 def bench(c: Config):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dt = torch.bfloat16
-    k = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
-    v = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
+    k, v, idx, counts = make_inputs(c, torch.Generator(device="cuda").manual_seed(0))
     C = c.C
-    idx = torch.rand(c.B, c.N, device="cuda", generator=g).argsort(dim=1)[:, :C].sort(dim=1).values
-    counts = torch.full((c.B,), C, device="cuda", dtype=torch.int64)
     kept_bytes = 2 * c.B * c.H * C * c.D * k.element_size()
     match, t = time_variants(k, v, idx, counts, kept_bytes)
     moved = 2 * kept_bytes  # read + write
@@ -123,9 +131,7 @@ def bench(c: Config):
 
 def bench_decode(c: DecodeConfig):
     g = torch.Generator(device="cuda").manual_seed(1)
-    dt = torch.bfloat16
-    k = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
-    v = torch.randn(c.B, c.H, c.N, c.D, device="cuda", dtype=dt, generator=g)
+    k, v = random_kv(c, g)
     C = c.C
     offs = torch.rand(c.B, c.chunk, device="cuda", generator=g).argsort(dim=1)[:, :c.kept].sort(dim=1).values
     ar = lambda n, at: torch.arange(at, at + n, device="cuda").expand(c.B, n)  # noqa: E731

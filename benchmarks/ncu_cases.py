@@ -1,38 +1,38 @@
 """Run one benchmark case a few times, for Nsight Compute (no timing here). Example:
     ncu --clock-control none --set full -k regex:select --launch-skip 2 --launch-count 1 \
         python3 benchmarks/ncu_cases.py select_p_f32_32x131072
-Cases mirror bench_select.py / bench_compact.py inputs.
+Cases use bench_select.py / bench_compact.py inputs (their make_inputs).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 import pyramid_kv as pk
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_compact  # noqa: E402
+import bench_select  # noqa: E402
+
 
 def select_case(op: str, dtype: str, S: int, N: int):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    scores = torch.softmax(torch.randn(S, N, device="cuda", generator=g) * 2.5, -1).to(getattr(torch, dtype))
-    lengths = torch.full((S,), N, device="cuda")
+    c = bench_select.Config(S, N, "top_p" if op == "p" else "top_k", dtype)
+    scores, lengths, budget, kw = bench_select.make_inputs(c, torch.Generator(device="cuda").manual_seed(0))
     if op == "p":
-        return lambda: pk.select_top_p(scores, lengths, 0.9, sink=4, recent=N // 10, validate=False)
-    return lambda: pk.select_top_k(scores, lengths, N // 4, sink=4, recent=N // 10, validate=False)
+        return lambda: pk.select_top_p(scores, lengths, budget, validate=False, **kw)
+    return lambda: pk.select_top_k(scores, lengths, budget, validate=False, **kw)
 
 
 def compact_case(mode: str, B: int, H: int, N: int, keep: float, D: int = 128):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    k = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(k)
-    C = int(round(keep * N))
-    idx = torch.rand(B, N, device="cuda", generator=g).argsort(dim=1)[:, :C].sort(dim=1).values
-    counts = torch.full((B,), C, device="cuda", dtype=torch.int64)
+    c = bench_compact.Config(B, H, N, D, keep)
+    k, v, idx, counts = bench_compact.make_inputs(c, torch.Generator(device="cuda").manual_seed(0))
     if mode == "inplace":
         return lambda: pk.compact_([k, v], idx, counts, validate=False)
-    out = [torch.empty(B, H, C, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    out = [k.new_empty(B, H, c.C, D) for _ in range(2)]
     return lambda: pk.compact([k, v], idx, counts, out=out, validate=False)
 
 
