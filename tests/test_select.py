@@ -16,6 +16,8 @@ def random_scores(g, S, N, dtype, ties, kind="skewed"):
         x = torch.softmax(torch.randn(S, N, generator=g) * 2.5, -1) if N else x
     elif kind == "equal":  # one key: no radix pass at all
         x = torch.full((S, N), 0.375)
+    elif kind == "narrow":  # distinct keys sharing their top bits: every pass of the search runs
+        x = 1.0 + torch.rand(S, N, generator=g) * 2.0**-12
     elif kind == "special":  # NaN, -inf, negatives, signed zeros, denormals, large values
         pool = torch.tensor([float("nan"), float("-inf"), -1.0, -0.0, 0.0, 6e-8, 1e-40, 6e4, 0.25, 2.0])
         pick = pool[torch.randint(0, len(pool), (S, N), generator=g)]
@@ -164,6 +166,7 @@ def test_cuda_strategies(N, dtype, by_mass):
         ("softmax", False, "near1", 0, 0, 0, "full", "strided", False),
         ("special", False, "scalar", 0, 3, 1, "full", "contiguous", False),
         ("equal", False, "tensor", 2, 5, 0, "tight", "contiguous", True),
+        ("narrow", False, "scalar", 4, N // 10, 0, "full", "contiguous", True),
     ]
     for i, (kind, ties, bk, sink, recent, mk, cap, layout, full) in enumerate(cases):
         run_case("cuda", N * 31 + i, 5, N, dtype, ties, by_mass, bk, sink, recent, mk, cap,

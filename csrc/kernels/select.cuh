@@ -19,9 +19,13 @@
 //  - top-k (and the floor / cap of top-p): counts over 8-bit digits from the top of the key.
 //  The last pass also counts, per rank, the candidates above the cut and at it: the tally that r
 //  and the output offsets need, without another sweep.
-// Output: every warp owns a contiguous chunk of positions; it counts its kept positions, then
-// writes them in order 32 positions a step with ballots (no block-wide scan per tile); -1
-// padding with 16-byte stores.
+//  One CTA: once a pass's chosen bin holds <= kFewKeys keys (usually after the second pass), a
+//  sweep lists them and a warp finds the cut among them (finish_few) instead of the remaining
+//  passes.
+// Output, one CTA: each thread owns a run of <= 32 positions as bit masks; one block scan gives
+// the slots, which are filled in shared memory, and the row leaves in 16-byte stores. Clusters
+// (and long 16-bit slices): every warp owns a contiguous chunk, counts its kept positions, then
+// writes them in order 32 positions a step with ballots; -1 padding with 16-byte stores.
 #pragma once
 
 #include <cstring>
@@ -147,11 +151,15 @@ struct Pass {
 };
 
 // The chosen bin of a pass: its index, the weight of the bins above it, its weight (quantized
-// in the first top-p pass) and its raw weight.
+// in the first top-p pass), its raw weight and its count of keys (~0u where not counted).
 struct Pick {
   u64 above, h, raw;
-  uint32_t d;
+  uint32_t d, cnt;
 };
+
+// A single CTA finishes the search in one step once the chosen bin holds at most this many keys
+// (module comment).
+constexpr int kFewKeys = 32;
 
 // What the output needs: cut key t, ties at t to keep, and candidates above / at t in the ranks
 // before this one.
@@ -185,12 +193,20 @@ struct RadixSelect {
   static constexpr size_t kHistBytes = static_cast<size_t>(kBuffers) * kHistWords * 4;
   static_assert(kThreads % 32 == 0 && kScanThreads <= kThreads && kScanWarps >= 1, "bad config");
 
+  // The keys of a chosen bin with at most kFewKeys keys, and the keys above its prefix; one per
+  // search (a top-p search may be followed by a top-k one), zeroed by load().
+  struct Few {
+    uint32_t n, above;
+    uint32_t keys[kFewKeys];
+  };
   struct Shared {
     u64 wsum[kScanWarps];
+    uint32_t kmax;  // single CTA, top-p: the largest key (its exponent bounds the masses)
     uint32_t red[kWarps][2];
     uint32_t wcnt[kWarps][2];
     uint32_t eq_before;
     Pick pick;
+    Few few[2];
   };
 
   static size_t smem_bytes(const SelectLaunch& L) {
@@ -203,7 +219,12 @@ struct RadixSelect {
   int len, n_sink, rstart, forced, n_cand;  // segment geometry (uniform over the cluster)
   int lo, hi;                               // this CTA's positions [lo, hi)
   int c_lo, c_hi;                           // its candidates [c_lo, c_hi) (may be empty)
+  int slice;                                // positions per CTA
+  int64_t len_raw;                          // lengths[seg], read in the constructor
+  double top_p_raw;                         // the segment's p (top-p) or k (top-k), likewise
+  int64_t top_k_raw;
   int pass = 0;                             // sweeps so far: picks the histogram buffer
+  int few_used = 0;                         // entries of sh.few used
 
   __device__ static unsigned char* dyn() {
     extern __shared__ __align__(16) unsigned char select_dyn_smem[];
@@ -222,7 +243,17 @@ struct RadixSelect {
     ranks = kMulti ? L.cluster : 1;
     seg = blockIdx.x / ranks;   // S * cluster < 2^31 (checked by the launcher)
     rank = blockIdx.x % ranks;  // == cluster block rank for 1-D clusters
-    const int64_t l = clamp64(p.lengths[seg], 0, p.N);
+    lo = rank * L.slice;  // < N + slice < 2^31 (checked by the launcher)
+    slice = L.slice;
+    // Issued here, consumed after the first scores are in flight (geometry()): the loads of the
+    // scores do not wait for the length.
+    len_raw = p.lengths[seg];
+    if (p.by_mass) top_p_raw = p.top_p ? static_cast<double>(p.top_p[seg]) : p.top_p_default;
+    else top_k_raw = p.top_k.ptr ? p.top_k[seg] : p.top_k_default;
+  }
+
+  __device__ void geometry() {
+    const int64_t l = clamp64(len_raw, 0, p.N);
     const int64_t ns = p.sink < l ? p.sink : l;
     const int64_t rs = l - p.recent > ns ? l - p.recent : ns;
     len = static_cast<int>(l);
@@ -230,8 +261,7 @@ struct RadixSelect {
     rstart = static_cast<int>(rs);
     forced = n_sink + (len - rstart);
     n_cand = rstart - n_sink;
-    lo = rank * L.slice;  // < N + slice < 2^31 (checked by the launcher)
-    hi = min(max(len - lo, 0), L.slice) + lo;
+    hi = min(max(len - lo, 0), slice) + lo;
     c_lo = max(lo, n_sink);
     c_hi = min(hi, rstart);
   }
@@ -318,7 +348,7 @@ struct RadixSelect {
   // A later pass over the staged keys (or the row, unstaged).
   template <bool kMass, bool kLast>
   __device__ void sweep(const Pass& s) {
-    constexpr bool kCount = kLast || !kMass;
+    constexpr bool kCount = kLast || !kMass || !kMulti;  // single CTA: counts for finish_few
     const uint32_t h = smem_addr(hist(kMulti ? (pass & 1) : 0));
     uint32_t above = 0;
     if constexpr (kStaged) {
@@ -356,19 +386,37 @@ struct RadixSelect {
   // first pass over them in the same loop: the loads of a batch are all in flight before use.
   template <bool kMass>
   __device__ void load() {
+    const T* r = row();
+    const bool aligned = (reinterpret_cast<uintptr_t>(r + lo) & 15) == 0;
+    const uint4* src = reinterpret_cast<const uint4*>(r + lo);
+    // The first batch of vectors is requested before the length is known (any position below
+    // N is in the row; those past the length are dropped below) and before the barrier.
+    uint4 raw[kUnroll];
+    if constexpr (kStaged) {
+      const int nrow = aligned ? static_cast<int>(min(p.N - lo, static_cast<int64_t>(slice))) / kVec : 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = tid + u * kThreads;
+        raw[u] = v < nrow ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    geometry();
     for (int i = tid; i < kBuffers * kHistWords; i += kThreads) hist(0)[i] = 0;
+    if (tid < 2) sh.few[tid].n = sh.few[tid].above = 0;
+    if (tid == 0) sh.kmax = 0;
     __syncthreads();
     const uint32_t h = smem_addr(hist(0));
     const Pass s = kMass ? mass_first_pass() : digit_pass(0, K::kBits, 8);
-    uint32_t above = 0;
-    const T* r = row();
+    uint32_t above = 0, kmax = 0;
+    auto note = [&](const uint32_t (&k)[kVec]) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) kmax = max(kmax, k[j]);
+    };
     if constexpr (kStaged) {
-      Stored* st = stage();
+      uint4* st4 = reinterpret_cast<uint4*>(stage());
       const int n = max(hi - lo, 0);
       const int nv = (n + kVec - 1) / kVec;
-      const bool aligned = (reinterpret_cast<uintptr_t>(r + lo) & 15) == 0;
       const int nfull = aligned ? n / kVec : 0;
-      const uint4* src = reinterpret_cast<const uint4*>(r + lo);
       auto convert = [&](const uint4& raw, int v, uint32_t (&k)[kVec]) {
         T x[kVec];
         memcpy(x, &raw, 16);
@@ -383,11 +431,12 @@ struct RadixSelect {
         }
       };
       for (int v0 = tid; v0 < nfull; v0 += kUnroll * kThreads) {
-        uint4 raw[kUnroll];
+        if (v0 != tid) {  // the first batch is in flight already
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int v = v0 + u * kThreads;
-          raw[u] = v < nfull ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+          for (int u = 0; u < kUnroll; ++u) {
+            const int v = v0 + u * kThreads;
+            raw[u] = v < nfull ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+          }
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -395,8 +444,9 @@ struct RadixSelect {
           if (v < nfull) {
             uint32_t k[kVec];
             convert(raw[u], v, k);
-            reinterpret_cast<uint4*>(st)[v] = pack(k);
+            st4[v] = pack(k);
             add<kMass, !kMass, false, true>(k, s, h, above);
+            note(k);
           }
         }
       }
@@ -408,14 +458,19 @@ struct RadixSelect {
           const int i = lo + v * kVec + j;
           k[j] = (i >= c_lo && i < c_hi) ? K::key(r[i]) : 0u;
         }
-        reinterpret_cast<uint4*>(st)[v] = pack(k);
+        st4[v] = pack(k);
         add<kMass, !kMass, false, true>(k, s, h, above);
+        note(k);
       }
     } else {
       for (int i = c_lo + tid; i < c_hi; i += kThreads) {
         const uint32_t k[1] = {K::key(r[i])};
         add<kMass, !kMass, false, true>(k, s, h, above);
       }
+    }
+    if constexpr (kMass && !kMulti) {
+      kmax = __reduce_max_sync(0xffffffffu, kmax);
+      if (lane == 0 && kmax != 0) atomicMax(&sh.kmax, kmax);
     }
     finish_sweep<false>(h, above);
   }
@@ -527,14 +582,15 @@ struct RadixSelect {
 
   // The bin where the running weight from the top first reaches `need` (0 < need <= total):
   // exactly one bin of the CTA satisfies the test. Every thread gets it.
-  __device__ Pick pick(const u64 (&v)[kBpt], const u64 (&raw)[kBpt], u64 excl, u64 need) {
+  __device__ Pick pick(const u64 (&v)[kBpt], const u64 (&raw)[kBpt], const uint32_t (&cnt)[kBpt],
+                       u64 excl, u64 need) {
     if (tid < kScanThreads) {
       const int d0 = kBins - (tid + 1) * kBpt;
       u64 run = excl;
 #pragma unroll
       for (int j = kBpt - 1; j >= 0; --j) {
         if (run < need && need - run <= v[j]) {
-          sh.pick = {run, v[j], raw[j], static_cast<uint32_t>(d0 + j)};
+          sh.pick = {run, v[j], raw[j], static_cast<uint32_t>(d0 + j), cnt[j]};
         }
         run += v[j];
       }
@@ -585,14 +641,14 @@ struct RadixSelect {
       const uint32_t* h = sync_pass();
       u64 v[kBpt];
       uint32_t ct[kBpt], cb[kBpt], ab_all, ab_before;
-      if (s.last) gather<kMass, true>(h, v, ct, cb, ab_all, ab_before);
+      if (s.last || !kMulti) gather<kMass, true>(h, v, ct, cb, ab_all, ab_before);
       else gather<kMass, false>(h, v, ct, cb, ab_all, ab_before);
       u64 chunk = 0;
 #pragma unroll
       for (int j = 0; j < kBpt; ++j) chunk += v[j];
       u64 excl, total;
       block_scan(chunk, excl, total);
-      const Pick pk = pick(v, v, excl, target - base);
+      const Pick pk = pick(v, v, ct, excl, target - base);
       if (s.last) {
         Final f{};
         f.t = (prefix << nb) | pk.d;
@@ -609,7 +665,63 @@ struct RadixSelect {
       base += pk.above;
       prefix = (prefix << nb) | pk.d;
       shift -= nb;
+      if constexpr (!kMulti) {
+        if (pk.cnt <= static_cast<uint32_t>(kFewKeys)) return finish_few<kMass>(digit_pass(prefix, shift, 0), target - base);
+      }
     }
+  }
+
+  // The weight of a key in a search: its mantissa sum (mass) or 1.
+  template <bool kMass>
+  __device__ static uint32_t weight(uint32_t k) {
+    return kMass ? (k & kFrac) | ((k & kExpField) ? kImp : 0u) : 1u;
+  }
+
+  // Single CTA, the chosen bin holds <= kFewKeys keys (those with s's prefix): one sweep lists
+  // them and counts the keys above the prefix, then every warp finds the cut among them (lane l
+  // weighs the keys above and at list[l]) instead of running the remaining passes.
+  template <bool kMass>
+  __device__ Final finish_few(const Pass& s, u64 need) {
+    Few& fw = sh.few[few_used++];
+    uint32_t above = 0;
+    const uint4* st = reinterpret_cast<const uint4*>(stage());
+    const int nv = (max(hi - lo, 0) + kVec - 1) / kVec;
+    for (int v = tid; v < nv; v += kThreads) {
+      uint32_t k[kVec];
+      unpack(st[v], k);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        above += k[j] > s.above ? 1u : 0u;
+        if (k[j] != 0 && (k[j] & s.mhi) == s.pval) {
+          const uint32_t slot = atomicAdd(&fw.n, 1u);
+          if (slot < static_cast<uint32_t>(kFewKeys)) fw.keys[slot] = k[j];  // always: same keys as the count
+        }
+      }
+    }
+    above = __reduce_add_sync(0xffffffffu, above);
+    if (lane == 0 && above != 0) atomicAdd(&fw.above, above);
+    __syncthreads();
+    const int m = min(static_cast<int>(fw.n), kFewKeys);
+    const uint32_t mine = lane < m ? fw.keys[lane] : 0u;
+    u64 gt = 0, ge = 0;
+    uint32_t n_gt = 0;
+    for (int i = 0; i < m; ++i) {
+      const uint32_t k = fw.keys[i], w = weight<kMass>(k);
+      gt += k > mine ? w : 0u;
+      ge += k >= mine ? w : 0u;
+      n_gt += k > mine ? 1u : 0u;
+    }
+    // Lanes holding the cut key all pass (equal keys: equal sums); need <= the bin's weight.
+    const uint32_t hit = __ballot_sync(0xffffffffu, lane < m && gt < need && need <= ge);
+    const int src = hit ? __ffs(hit) - 1 : 0;
+    Final f{};
+    f.t = __shfl_sync(0xffffffffu, mine, src);
+    gt = __shfl_sync(0xffffffffu, gt, src);
+    n_gt = __shfl_sync(0xffffffffu, n_gt, src);
+    const u64 rem = need - gt, q = weight<kMass>(f.t);
+    f.need_eq = static_cast<int>(kMass ? (rem + q - 1) / q : rem);
+    f.gt_total = static_cast<int>(fw.above + n_gt);
+    return f;  // gt_before = eq_before = 0: one CTA
   }
 
   // top-p over the first pass (swept): 0 = cut found (f, r), 1 = no mass, 2 = infinite mass.
@@ -618,21 +730,26 @@ struct RadixSelect {
     u64 s_raw[kBpt];
     uint32_t ct[kBpt], cb[kBpt], ab_all, ab_before;
     gather<true, false>(h, s_raw, ct, cb, ab_all, ab_before);
-    // The top exponent with mass (+1; 0: none).
+    // The top exponent with mass (+1; 0: none). One CTA: that of the largest key, if it weighs.
     uint32_t top = 0;
-    if (tid < kScanThreads) {
-      const int d0 = kBins - (tid + 1) * kBpt;
+    if constexpr (kMulti) {
+      if (tid < kScanThreads) {
+        const int d0 = kBins - (tid + 1) * kBpt;
 #pragma unroll
-      for (int j = 0; j < kBpt; ++j) {
-        if (s_raw[j]) top = max(top, static_cast<uint32_t>(d0 + j + 1));
+        for (int j = 0; j < kBpt; ++j) {
+          if (s_raw[j]) top = max(top, static_cast<uint32_t>(d0 + j + 1));
+        }
       }
-    }
-    top = __reduce_max_sync(0xffffffffu, top);
-    if (lane == 0) sh.red[warp][0] = top;
-    __syncthreads();
-    top = 0;
+      top = __reduce_max_sync(0xffffffffu, top);
+      if (lane == 0) sh.red[warp][0] = top;
+      __syncthreads();
+      top = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) top = max(top, sh.red[w][0]);
+      for (int w = 0; w < kWarps; ++w) top = max(top, sh.red[w][0]);
+    } else {
+      const uint32_t km = sh.kmax;  // written before sync_pass's barrier
+      top = (km & kSign) && weight<true>(km) ? ((km & kExpField) >> K::kMant) + 1 : 0;
+    }
     if (top == 0) return 1;
     const int e_top = static_cast<int>(top) - 1;
     if (e_top == static_cast<int>(kExpTop)) return 2;
@@ -656,7 +773,10 @@ struct RadixSelect {
     const double x = ceil(top_p * static_cast<double>(total));
     u64 W = x >= static_cast<double>(total) ? total : static_cast<u64>(x);
     W = W > 0 ? W : 1;
-    const Pick pk = pick(q, s_raw, excl, W);
+    uint32_t uncounted[kBpt];
+#pragma unroll
+    for (int j = 0; j < kBpt; ++j) uncounted[j] = ~0u;  // the dense first pass counts nothing
+    const Pick pk = pick(q, s_raw, uncounted, excl, W);
     // The mass still needed inside the chosen bin, as an exact mantissa sum in [1, S].
     const u64 need = W - pk.above;  // in [1, q]
     const int s = -scale(static_cast<int>(pk.d));
@@ -672,10 +792,95 @@ struct RadixSelect {
 
   // ---- output ----------------------------------------------------------------------------
 
+  // Single CTA, at most 32 staged keys per thread: thread x owns the x-th run of `vpt` vectors,
+  // holds its kept keys as bit masks, and one block scan of (sure, tie) counts gives every
+  // thread its slots (cheaper than the warps' 32-position steps below). The positions go to
+  // their slots in shared memory (the keys and histograms are read by then), and the row
+  // leaves in 16-byte stores: scattered global stores would cost a transaction per position.
+  __device__ void output_runs(const Final& f, int count, int nvec, int vpt) {
+    const int cap_i = static_cast<int>(p.capacity < INT32_MAX ? p.capacity : INT32_MAX);
+    const uint4* st = reinterpret_cast<const uint4*>(stage());
+    const int v0 = tid * vpt, n = max(hi - lo, 0);
+    // Rotated reads: with a power-of-two run, 8 consecutive threads (one 16-byte access phase)
+    // hit 8 different bank groups.
+    const int rot = (vpt <= 1 || (vpt & (vpt - 1))) ? 0 : (tid * vpt / 8) % vpt;
+    uint32_t sure = 0, tie = 0;  // bit b: position lo + v0 * kVec + b
+    for (int j = 0; j < vpt; ++j) {
+      const int jj = j + rot < vpt ? j + rot : j + rot - vpt;
+      if (v0 + jj >= nvec) continue;
+      uint32_t k[kVec], vs = 0, ve = 0;
+      unpack(st[v0 + jj], k);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        vs |= (k[e] - 1u >= f.t ? 1u : 0u) << e;  // k > t, or k == 0: forced
+        ve |= (k[e] == f.t ? 1u : 0u) << e;
+      }
+      sure |= vs << (jj * kVec);
+      tie |= ve << (jj * kVec);
+    }
+    // Keys past hi are 0 like forced ones; a tie needs a candidate key (t != 0).
+    const int valid = n - v0 * kVec;
+    const uint32_t in = valid >= 32 ? ~0u : valid <= 0 ? 0u : (1u << valid) - 1u;
+    sure &= in;
+    tie &= f.t != 0 ? in : 0u;
+    // Exclusive scan of (sure, tie) counts, packed in 16 bits each (a slice has <= 32768 keys).
+    const uint32_t own = __popc(sure) | (static_cast<uint32_t>(__popc(tie)) << 16);
+    uint32_t inc = own;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += y;
+    }
+    if (lane == 31) sh.wcnt[warp][0] = inc;
+    __syncthreads();
+    uint32_t excl = inc - own;
+    for (int w = 0; w < warp; ++w) excl += sh.wcnt[w][0];
+    const int sb = forced_before(lo) + f.gt_before + static_cast<int>(excl & 0xffffu);
+    const int eb = f.eq_before + static_cast<int>(excl >> 16);
+    const int base = lo + v0 * kVec;
+    // Slot i at index sh0 + i: 16-byte aligned where the output row is.
+    const int sh0 = static_cast<int>((static_cast<int64_t>(seg) * p.capacity) & 3);
+    int32_t* slots = reinterpret_cast<int32_t*>(dyn()) + sh0;
+    // Ties are kept while fewer than need_eq came before: this run keeps its first
+    // need_eq - eb ties (clamped). The kept positions then take consecutive slots from
+    // sb + min(eb, need_eq) (a sure position's slot counts the kept ties before it, a kept
+    // tie's the sure ones).
+    uint32_t keep = sure, t = tie;
+    for (int q = min(max(f.need_eq - eb, 0), __popc(tie)); q > 0; --q, t &= t - 1u) keep |= t & (0u - t);
+    int slot = sb + min(eb, f.need_eq);
+    for (uint32_t m = keep; m != 0 && slot < cap_i; m &= m - 1) slots[slot++] = base + __ffs(m) - 1;  // < count
+    __syncthreads();
+    int32_t* out = p.indices + static_cast<int64_t>(seg) * p.capacity;
+    const int cap = cap_i;  // the caller checked that it fits
+    auto val = [&](int i) { return i < count ? slots[i] : -1; };
+    const int a = min(cap, (4 - sh0) & 3);  // up to the first 16-byte aligned element
+    for (int i = tid; i < a; i += kThreads) out[i] = val(i);
+    const int nv4 = (cap - a) / 4;
+    const int4* s4 = reinterpret_cast<const int4*>(slots + a);
+    int4* o4 = reinterpret_cast<int4*>(out + a);
+    const int last4 = max((count - a - 1) / 4, 0);  // the last vector that holds a slot (or 0)
+    for (int v = tid; v < nv4; v += kThreads) {
+      const int i = a + 4 * v;
+      const int4 x = s4[min(v, last4)];  // in bounds: slots below count + 3 <= n + 3
+      o4[v] = make_int4(i < count ? x.x : -1, i + 1 < count ? x.y : -1, i + 2 < count ? x.z : -1,
+                        i + 3 < count ? x.w : -1);
+    }
+    for (int i = a + 4 * nv4 + tid; i < cap; i += kThreads) out[i] = val(i);
+    if (tid == 0) p.counts[seg] = count;
+  }
+
   __device__ void output(const Final& f, int count) {
     int32_t* out = p.indices + static_cast<int64_t>(seg) * p.capacity;
     const int64_t cap = p.capacity;
     const int n = max(hi - lo, 0);
+    const int nvec = (n + kVec - 1) / kVec, vpt = (nvec + kThreads - 1) / kThreads;
+    // output_runs's slots (3 ints of alignment) fit the histograms and keys: always for
+    // float32 keys, up to 1541 positions for 16-bit ones.
+    const bool fits = 4 * (n + 3) <= static_cast<int>(kHistBytes) + n * static_cast<int>(sizeof(Stored));
+    if (!kMulti && kStaged && vpt * kVec <= 32 && fits && cap < INT32_MAX - 4) {
+      output_runs(f, count, nvec, vpt);
+      return;
+    }
     const int cw = (n + 32 * kWarps - 1) / (32 * kWarps) * 32;  // warp chunk, multiple of 32
     const int start = min(lo + warp * cw, lo + n), end = min(start + cw, lo + n);
     // 1. Kept candidates above t and ties at t in this warp's chunk (forced ones by geometry).
@@ -727,7 +932,13 @@ struct RadixSelect {
       sb += __popc(bs);
       eb += __popc(be);
     }
-    // 3. -1 padding up to capacity, spread over the cluster, 16-byte stores where aligned.
+    pad(count);
+  }
+
+  // -1 padding up to capacity, spread over the cluster, 16-byte stores where aligned.
+  __device__ void pad(int count) {
+    int32_t* out = p.indices + static_cast<int64_t>(seg) * p.capacity;
+    const int64_t cap = p.capacity;
     const int64_t row0 = static_cast<int64_t>(seg) * cap;
     const int g = rank * kThreads + tid, G = ranks * kThreads;
     const int64_t head = min(cap, ((row0 + count + 3) & ~int64_t{3}) - row0);
@@ -750,8 +961,7 @@ struct RadixSelect {
     Final f{};
     bool used = false;  // the first pass was merged
     if (by_mass) {
-      double top_p = p.top_p ? static_cast<double>(p.top_p[seg]) : p.top_p_default;
-      top_p = fmin(fmax(top_p, 0.0), 1.0);  // NaN -> 0
+      const double top_p = fmin(fmax(top_p_raw, 0.0), 1.0);  // NaN -> 0
       if (n_cand > 0 && top_p > 0.0) {
         used = true;
         const int kind = mass_search(top_p, f);
@@ -759,7 +969,7 @@ struct RadixSelect {
         else r = kind == 2 ? 1 : 0;  // infinite mass: the first candidate reaches p * T
       }
     } else {
-      const int64_t k = p.top_k.ptr ? p.top_k[seg] : p.top_k_default;
+      const int64_t k = top_k_raw;
       r = k < 0 ? 0 : (k < n_cand ? k : n_cand);
     }
     r = r > p.min_keep - forced ? r : p.min_keep - forced;
