@@ -52,6 +52,17 @@ template <> struct Bytes<4> { using type = uint32_t; };
 template <> struct Bytes<2> { using type = uint16_t; };
 template <> struct Bytes<1> { using type = uint8_t; };
 
+// 16 bytes global -> shared without holding registers; .cg reads through L2 (coherent with
+// other blocks' stores). Both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most one committed group (the most recent) is still in flight.
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 }  // namespace pyramid_kv::kernels

@@ -50,6 +50,17 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;                       // chunks in flight per thread
 constexpr int kTileChunks = kThreads * kUnroll;  // 16 KB tiles at 16-byte chunks
+// l / width by a multiply (a 32-bit division is ~20 instructions, and every chunk needs one):
+// with magic = ceil(2^21 / width) the error l * (magic - 2^21 / width) / 2^21 < 2^-11 stays
+// below 1 / width for every l < 2^10 and width <= 2^10, so the quotient is exact.
+constexpr int kMagicShift = 21;
+static_assert(kTileChunks <= 1024, "tile_row's multiply is exact for l, width <= 2^10 only");
+__host__ __device__ inline uint32_t width_magic(int width) {
+  return ((1u << kMagicShift) + static_cast<uint32_t>(width) - 1) / static_cast<uint32_t>(width);
+}
+__device__ __forceinline__ int tile_row(int l, uint32_t magic) {
+  return static_cast<int>((static_cast<uint32_t>(l) * magic) >> kMagicShift);
+}
 }  // namespace compact_detail
 
 struct CompactTensor {
@@ -62,6 +73,7 @@ struct CompactTensor {
   int vec;             // access width in bytes
   // Set by plan_compact_tiles:
   int width;           // chunks per tile row (stripe width)
+  uint32_t width_magic;  // chunk l of a tile lies in its row l / width == (l * width_magic) >> 21
   int tile_rows;       // rows per tile
   int64_t row_chunks;  // chunks per row
   int64_t stripes;     // ceil(row_chunks / width)
@@ -101,6 +113,7 @@ inline void plan_compact_tiles(CompactParams& p, const int64_t* row_bytes) {
     t.stripes = t.row_chunks > 0 ? (t.row_chunks + kTileChunks - 1) / kTileChunks : 1;
     t.width = static_cast<int>(t.row_chunks > 0 ? (t.row_chunks + t.stripes - 1) / t.stripes : 1);
     t.tile_rows = kTileChunks / t.width;
+    t.width_magic = width_magic(t.width);
     t.row_tiles = t.row_chunks > 0 ? (t.rows + t.tile_rows - 1) / t.tile_rows : 0;
     p.group[i] = i;
     p.group_size[i] = 1;
@@ -256,16 +269,6 @@ __device__ __forceinline__ unsigned acquire_flag(const unsigned* flag) {
   return v;
 }
 
-// 16 bytes global -> shared without holding registers; .cg reads through L2 (coherent with
-// the other blocks' stores).
-__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most one committed group (the most recent) is still in flight.
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
 // The number of k in [0, n) with key(k) < x, found by one warp in 32-way steps, when key is
 // nondecreasing in k. For any key the result lies in [0, n] and the loop ends (the interval
 // shrinks every step), so bad input cannot make it read outside [0, n).
@@ -328,7 +331,7 @@ __device__ __forceinline__ void copy_tile(const CompactParams& p, const CompactT
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int l = threadIdx.x + u * kThreads;
-    const int r = l / x.width;
+    const int r = tile_row(l, x.width_magic);
     col[u] = l - r * x.width;
     row[u] = r < x.tile_rows && col[u] < cols ? min(row0 + r, x.rows) : x.rows;  // x.rows: none
   }
@@ -418,6 +421,7 @@ struct TileMeta {
   int64_t o_sn;    // row stride in bytes
   int64_t id, row_tile, round_stride;
   int width, vec;
+  uint32_t width_magic;
 };
 
 // Issues the loads of tile d (id) into buf (chunk l of the tile at byte l * vec, a slot of the
@@ -446,7 +450,7 @@ __device__ __forceinline__ unsigned load_tile(const CompactParams& p, const Comp
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int l = threadIdx.x + u * kThreads;
-    r[u] = l / x.width;
+    r[u] = tile_row(l, x.width_magic);
     col[u] = l - r[u] * x.width;
     if (r[u] >= R || col[u] >= cols || row0 + r[u] >= count) r[u] = -1;
   }
@@ -489,7 +493,7 @@ __device__ __forceinline__ unsigned load_tile(const CompactParams& p, const Comp
     }
     if (lane == 0) s_wait[warp] = bound;  // the awaited row tiles are [s_wait[0], s_wait[1]]
   }
-  if (threadIdx.x == 0) *meta = TileMeta{out, row0, x.o_sn, id, rt, d.round_stride, x.width, kVec};
+  if (threadIdx.x == 0) *meta = TileMeta{out, row0, x.o_sn, id, rt, d.round_stride, x.width, kVec, x.width_magic};
   return mask;
 }
 
@@ -501,7 +505,7 @@ __device__ __forceinline__ void store_tile(const TileMeta& m, unsigned mask, con
   for (int u = 0; u < kUnroll; ++u) {
     if (mask & (1u << u)) {
       const int l = threadIdx.x + u * kThreads;
-      const int r = l / m.width;
+      const int r = tile_row(l, m.width_magic);
       const int64_t c = static_cast<int64_t>(l - r * m.width) * kVec;
       *reinterpret_cast<V*>(m.out + (m.row0 + r) * m.o_sn + c) = *reinterpret_cast<const V*>(buf + l * kVec);
     }
@@ -599,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
       if (!ready) {
         // Some awaited tile is still reading. Finish and publish the next tile's loads first,
         // so that no tile's flag ever waits for another flag, then spin.
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        cp_async_wait_all();
         __syncthreads();
         if (threadIdx.x == 0 && next_id >= 0) publish(s ^ 1);
         published = true;
