@@ -121,6 +121,15 @@ def test_row_sizes(device, dtype, D):
     check_inplace(moved, idx, counts, expect)
 
 
+def test_tile_row_multiply_is_exact():
+    """compact.cuh finds a chunk's tile row as (l * ceil(2^21 / width)) >> 21 instead of
+    l / width: exact for every chunk index l < 1024 and width <= 1024 (its tile limits)."""
+    l = torch.arange(1024, dtype=torch.int64)
+    for width in range(1, 1025):
+        magic = ((1 << 21) + width - 1) // width
+        assert torch.equal((l * magic) >> 21, l // width), width
+
+
 # ---- in place ---------------------------------------------------------------------------------
 
 def ascending_selection(g, rows, N, C, keep, prefix=0):
