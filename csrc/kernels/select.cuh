@@ -318,7 +318,7 @@ struct RadixSelect {
     auto one = [&](int j, bool pred) {
       const uint32_t d = (k[j] >> s.low) & s.dmask;
       if constexpr (kMass) {
-        const uint32_t w = (k[j] & kFrac) | ((k[j] & kExpField) ? kImp : 0u);  // denormals: no implicit bit
+        const uint32_t w = weight<true>(k[j]);
         const uint32_t old = atom_add_if(pred, h + 4 * (kLo + d), w);
         red_add_if(pred && old + w < old, h + 4 * (kHi + d), 1u);
       }
@@ -671,7 +671,8 @@ struct RadixSelect {
     }
   }
 
-  // The weight of a key in a search: its mantissa sum (mass) or 1.
+  // The weight of a key in a search: its mantissa with the implicit bit (mass; denormals have
+  // none) or 1.
   template <bool kMass>
   __device__ static uint32_t weight(uint32_t k) {
     return kMass ? (k & kFrac) | ((k & kExpField) ? kImp : 0u) : 1u;
