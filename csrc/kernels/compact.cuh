@@ -594,7 +594,7 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
     const int64_t next_id = s_id[s ^ 1];
     const unsigned next = next_id >= 0 ? load(next_id, s ^ 1) : 0u;
     cp_async_commit();  // possibly empty: the group of `cur` is then never the newest
-    cp_async_wait_one();  // this thread's loads of `cur` have landed
+    cp_async_wait<1>();  // this thread's loads of `cur` have landed
     const bool any = __syncthreads_or(cur != 0u);  // every load of `cur` has returned
     if (threadIdx.x == 0 && !published) publish(s);  // this tile's reads are done
     published = false;
@@ -603,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
       if (!ready) {
         // Some awaited tile is still reading. Finish and publish the next tile's loads first,
         // so that no tile's flag ever waits for another flag, then spin.
-        cp_async_wait_all();
+        cp_async_wait<0>();  // every group is committed
         __syncthreads();
         if (threadIdx.x == 0 && next_id >= 0) publish(s ^ 1);
         published = true;
