@@ -61,22 +61,25 @@ def torch_top_p(scores, lengths, p: float, sink: int, recent: int):
     the kept mask, ascending positions by a cumsum compaction. float32 sums (no exact tie or
     order guarantees): a speed baseline like the one the issue quotes, not a definition."""
     N = scores.shape[1]
-    forced, cand = ref.segment_masks(lengths, N, sink, recent)
-    x = torch.where(cand, scores.float(), -1.0)
+    forced, x = _candidates(scores, lengths, sink, recent)
     vals, order = torch.sort(x, dim=1, descending=True)
     csum = vals.clamp(min=0).cumsum(1)
     r = (csum < p * csum[:, -1:]).sum(1, keepdim=True) + 1
     keep = (torch.arange(N, device=scores.device) < r) & (vals >= 0)
-    return _ascending(torch.zeros_like(cand).scatter_(1, order, keep) | forced)
+    return _ascending(torch.zeros_like(forced).scatter_(1, order, keep) | forced)
 
 
 def torch_top_k(scores, lengths, k: int, sink: int, recent: int):
     """Lean torch top-k: torch.topk over the candidates, then the same compaction."""
-    N = scores.shape[1]
-    forced, cand = ref.segment_masks(lengths, N, sink, recent)
-    x = torch.where(cand, scores.float(), -1.0)
+    forced, x = _candidates(scores, lengths, sink, recent)
     vals, order = torch.topk(x, k, dim=1)
-    return _ascending(torch.zeros_like(cand).scatter_(1, order, vals >= 0) | forced)
+    return _ascending(torch.zeros_like(forced).scatter_(1, order, vals >= 0) | forced)
+
+
+def _candidates(scores, lengths, sink: int, recent: int):
+    """The forced mask, and the scores as float32 with -1 (below any mass) off the candidates."""
+    forced, cand = ref.segment_masks(lengths, scores.shape[1], sink, recent)
+    return forced, torch.where(cand, scores.float(), -1.0)
 
 
 def _ascending(kept):
