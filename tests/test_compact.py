@@ -122,12 +122,12 @@ def test_row_sizes(device, dtype, D):
 
 
 def test_tile_row_multiply_is_exact():
-    """compact.cuh finds a chunk's tile row as (l * ceil(2^21 / width)) >> 21 instead of
-    l / width: exact for every chunk index l < 1024 and width <= 1024 (its tile limits)."""
-    l = torch.arange(1024, dtype=torch.int64)
-    for width in range(1, 1025):
-        magic = ((1 << 21) + width - 1) // width
-        assert torch.equal((l * magic) >> 21, l // width), width
+    """compact.cuh finds a chunk's tile row as (l * ceil(2^22 / width)) >> 22 instead of
+    l / width: exact for every chunk index l < 2048 and width <= 2048 (its tile limits)."""
+    l = torch.arange(2048, dtype=torch.int64)
+    for width in range(1, 2049):
+        magic = ((1 << 22) + width - 1) // width
+        assert torch.equal((l * magic) >> 22, l // width), width
 
 
 # ---- in place ---------------------------------------------------------------------------------

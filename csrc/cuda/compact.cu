@@ -25,7 +25,7 @@ int vector_width(const Tensor& s, const Tensor& o) {
 // Parameters of one launch over src -> out (out == src in place), tiles covering `rows`
 // destination rows per segment.
 kernels::CompactParams make_params(at::TensorList src, const Tensor& indices, const Tensor& counts,
-                                   const CompactDims& d, at::TensorList out, int64_t rows) {
+                                   const CompactDims& d, at::TensorList out, int64_t rows, bool in_place) {
   TORCH_CHECK_VALUE(src.size() <= kernels::kMaxCompactTensors, "compact: at most ",
                     kernels::kMaxCompactTensors, " tensors per call, got ", src.size());
   kernels::CompactParams p{};
@@ -56,14 +56,14 @@ kernels::CompactParams make_params(at::TensorList src, const Tensor& indices, co
   p.idx_H = p.per_head ? d.heads : 1;
   p.N = d.N;
   p.max_count = d.N > 0 ? d.C : 0;  // nothing to gather from an empty source
-  kernels::plan_compact_tiles(p, row_bytes);
+  kernels::plan_compact_tiles(p, row_bytes, in_place);
   return p;
 }
 
 void compact_launch(at::TensorList src, const Tensor& indices, const Tensor& counts,
                     const CompactDims& d, at::TensorList out, bool zero_tail) {
   const c10::cuda::CUDAGuard guard(src[0].device());
-  kernels::CompactParams p = make_params(src, indices, counts, d, out, d.C);
+  kernels::CompactParams p = make_params(src, indices, counts, d, out, d.C, false);
   p.zero_tail = zero_tail;
   check_launch(kernels::launch_compact(p, c10::cuda::getCurrentCUDAStream()), "compact");
 }
@@ -94,7 +94,7 @@ void compact_inplace_cuda(at::TensorList src, const Tensor& indices, const Tenso
   const c10::cuda::CUDAGuard guard(src[0].device());
   // Destination rows lie below min(C, N): a count above N cannot be valid, and is clamped.
   const int64_t rows = std::min(d.C, d.N);
-  kernels::CompactParams p = make_params(src, indices, counts, d, src, rows);
+  kernels::CompactParams p = make_params(src, indices, counts, d, src, rows, true);
   p.max_count = rows;
   if (p.total_tiles == 0) return;
   TORCH_CHECK_VALUE(p.total_tiles < (int64_t{1} << 31), "compact_: too many tiles (",

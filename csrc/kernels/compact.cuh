@@ -5,11 +5,12 @@
 // (16, 8, 4, 2 or 1 bytes) that the row size and every row address allow: 16 for any
 // aligned f32/f16/bf16 cache with D % 8 == 0. Each (tensor, b, h) segment is cut into tiles
 // of `tile_rows` destination rows by one stripe of `width` chunk columns (a whole row unless a
-// row exceeds kTileChunks chunks), at most kTileChunks chunks per tile. A block of kThreads
-// threads takes one tile at a time; thread x owns chunks x + u * kThreads (u < kUnroll) and
-// issues all of its index loads, then all of its data loads, then all of its stores, so each
-// thread has kUnroll independent 16-byte loads in flight. Out of place, tile ids run
-// tensor-major, then segment, then row tile, then stripe; offsets and row numbers are 64-bit.
+// row exceeds the tile's chunks), at most kTileChunks chunks per tile (kMoveTileChunks in place).
+// A block of kThreads threads takes one tile at a time; thread x owns chunks x + u * kThreads
+// (u < kUnroll) and issues all of its index loads, then all of its data loads, then all of its
+// stores, so each thread has kUnroll independent 16-byte loads in flight. Out of place, tile
+// ids run tensor-major, then segment, then row tile, then stripe; offsets and row numbers are
+// 64-bit.
 //
 // In place (compact_move). Row i of a segment takes row src(i) = indices[i] with indices
 // strictly ascending, so src(i) >= i, and the rows with src(i) == i form a prefix [0, P) (once
@@ -23,10 +24,11 @@
 // publish a "read done" flag (one thread's release store after the barrier; the awaiting
 // side reads flags with acquire loads, then a barrier: CUTLASS's grid-barrier pattern), (3)
 // wait for the flags of the earlier tiles of its stripe whose sources can lie in [S, E) (a
-// range [a, b] of row tiles that two warps find by 32-way searches of the ascending index
-// row), (4) pass a barrier and store. Blocks are software-pipelined: a block issues the
-// loads of its next tile before it publishes, waits for and stores its current one, so the
-// protocol's latency overlaps a tile of loads in flight.
+// range [a, b] of row tiles that the pre-pass tabulates per index row and row tile: one lookup
+// instead of searches in the tile's chain of dependent loads), (4) pass a barrier and store.
+// Blocks are software-pipelined: a block issues the loads of its next tile before it
+// publishes, waits for and stores its current one, so the protocol's latency overlaps a tile
+// of loads in flight. The move is a programmatic dependent launch of the pre-pass.
 //
 // In-place tile ids run round-major: row tile (round) r of every segment of every tensor of a
 // group (consecutive tensors tiled alike, such as K and V) before round r + 1, so the tiles a
@@ -48,18 +50,22 @@ constexpr int kMaxCompactTensors = 8;
 namespace compact_detail {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;                       // chunks in flight per thread
+constexpr int kUnroll = 4;                       // out of place: chunks in flight per thread
 constexpr int kTileChunks = kThreads * kUnroll;  // 16 KB tiles at 16-byte chunks
+// In place, larger tiles (20 KB) amortise the per-tile protocol (measured: 8 / 12 / 16 / 20 KB
+// tiles gave 62-68 / 75-83 / 81-89 / 83-91% of copy at the large shapes; 24 KB spills).
+constexpr int kMoveUnroll = 5;
+constexpr int kMoveTileChunks = kThreads * kMoveUnroll;
 // l / width by a multiply (a 32-bit division is ~20 instructions, and every chunk needs one):
-// with magic = ceil(2^21 / width) the error l * (magic - 2^21 / width) / 2^21 < 2^-11 stays
-// below 1 / width for every l < 2^10 and width <= 2^10, so the quotient is exact.
-constexpr int kMagicShift = 21;
-static_assert(kTileChunks <= 1024, "tile_row's multiply is exact for l, width <= 2^10 only");
+// with magic = ceil(2^22 / width) the error l * (magic - 2^22 / width) / 2^22 < l / 2^22 stays
+// below 1 / width whenever l * width < 2^22, so the quotient is exact for l, width <= 2^11.
+constexpr int kMagicShift = 22;
+static_assert(kTileChunks <= 2048 && kMoveTileChunks <= 2048, "tile_row's multiply is exact for l, width <= 2^11 only");
 __host__ __device__ inline uint32_t width_magic(int width) {
   return ((1u << kMagicShift) + static_cast<uint32_t>(width) - 1) / static_cast<uint32_t>(width);
 }
 __device__ __forceinline__ int tile_row(int l, uint32_t magic) {
-  return static_cast<int>((static_cast<uint32_t>(l) * magic) >> kMagicShift);
+  return static_cast<int>((static_cast<uint64_t>(l) * magic) >> kMagicShift);
 }
 }  // namespace compact_detail
 
@@ -73,7 +79,7 @@ struct CompactTensor {
   int vec;             // access width in bytes
   // Set by plan_compact_tiles:
   int width;           // chunks per tile row (stripe width)
-  uint32_t width_magic;  // chunk l of a tile lies in its row l / width == (l * width_magic) >> 21
+  uint32_t width_magic;  // chunk l of a tile lies in its row l / width == (l * width_magic) >> 22
   int tile_rows;       // rows per tile
   int64_t row_chunks;  // chunks per row
   int64_t stripes;     // ceil(row_chunks / width)
@@ -99,20 +105,32 @@ struct CompactParams {
   // (on a group's first tensor): its tensors.
   int group[kMaxCompactTensors];
   int group_size[kMaxCompactTensors];
+  // On a group's first tensor: where its awaited-range table starts (entries, one per index
+  // row and row tile) and its first pre-pass warp; prep_warps: the pre-pass warps in all.
+  int64_t table_first[kMaxCompactTensors];
+  int64_t prep_first[kMaxCompactTensors];
+  int64_t table_entries;
+  int64_t prep_warps;
 };
 
 // Cuts each tensor (row bytes in row_bytes[t], B * H segments of `rows` rows) into tiles,
-// numbering them consecutively; sets total_tiles.
-inline void plan_compact_tiles(CompactParams& p, const int64_t* row_bytes) {
+// numbering them consecutively; sets total_tiles. In place, tiles are larger, and the rows
+// are spread evenly over the row tiles (192 rows: 3 x 64 rather than 80 + 80 + 32).
+inline void plan_compact_tiles(CompactParams& p, const int64_t* row_bytes, bool in_place) {
   using namespace compact_detail;
+  const int chunks = in_place ? kMoveTileChunks : kTileChunks;
   int64_t next = 0;
   for (int i = 0; i < p.num_tensors; ++i) {
     CompactTensor& t = p.t[i];
     t.first_tile = next;
     t.row_chunks = row_bytes[i] / t.vec;
-    t.stripes = t.row_chunks > 0 ? (t.row_chunks + kTileChunks - 1) / kTileChunks : 1;
+    t.stripes = t.row_chunks > 0 ? (t.row_chunks + chunks - 1) / chunks : 1;
     t.width = static_cast<int>(t.row_chunks > 0 ? (t.row_chunks + t.stripes - 1) / t.stripes : 1);
-    t.tile_rows = kTileChunks / t.width;
+    t.tile_rows = chunks / t.width;
+    if (in_place && t.rows > 0) {
+      const int64_t n = (t.rows + t.tile_rows - 1) / t.tile_rows;
+      t.tile_rows = static_cast<int>((t.rows + n - 1) / n);
+    }
     t.width_magic = width_magic(t.width);
     t.row_tiles = t.row_chunks > 0 ? (t.rows + t.tile_rows - 1) / t.tile_rows : 0;
     p.group[i] = i;
@@ -144,6 +162,18 @@ inline void plan_compact_inplace(CompactParams& p) {
     }
     next += p.B * t.H * t.row_tiles * t.stripes;
   }
+  // Awaited-range tables (compact_prepare): one per group, an entry per index row and row tile,
+  // filled by warps of 32 row tiles (at least one warp per index row: it also finds P).
+  const int64_t index_rows = p.B * p.idx_H;
+  p.table_entries = 0;
+  p.prep_warps = 0;
+  for (int i = 0; i < p.num_tensors; ++i) {
+    if (p.group[i] != i) continue;
+    p.table_first[i] = p.table_entries;
+    p.prep_first[i] = p.prep_warps;
+    p.table_entries += index_rows * p.t[i].row_tiles;
+    p.prep_warps += index_rows * std::max<int64_t>((p.t[i].row_tiles + 31) / 32, 1);
+  }
 }
 
 // In-place workspace: int64 words, all initialised by compact_prepare (allocate uninitialised).
@@ -151,6 +181,7 @@ struct CompactWorkspace {
   unsigned* ticket;     // next tile ticket
   int64_t* segments;    // [index rows][2]: identity prefix P, clamped count
   int64_t* block_max;   // [prep_blocks]: most rows a segment of the prep block moves
+  int2* table;          // [table_entries]: the earlier row tiles [x, y] that a row tile awaits
   unsigned* flags;      // [total_tiles]: the tile's reads are done
   int64_t prep_blocks;
 };
@@ -158,16 +189,16 @@ struct CompactWorkspace {
 // Index rows: B * H per head, else B.
 __host__ __device__ inline int64_t compact_index_rows(const CompactParams& p) { return p.B * p.idx_H; }
 
-// Blocks of compact_prepare: a warp per index row, and enough threads to zero the flags fast.
+// Blocks of compact_prepare: its warps, and enough threads to zero the flags fast.
 inline int64_t compact_prep_blocks(const CompactParams& p) {
   using namespace compact_detail;
-  const int64_t for_rows = (compact_index_rows(p) + kWarps - 1) / kWarps;
+  const int64_t for_rows = (p.prep_warps + kWarps - 1) / kWarps;
   const int64_t for_flags = std::min<int64_t>((p.total_tiles + kThreads - 1) / kThreads, 512);
   return std::max<int64_t>(std::max(for_rows, for_flags), 1);
 }
 
 inline int64_t compact_inplace_workspace_words(const CompactParams& p) {
-  return 1 + 2 * compact_index_rows(p) + compact_prep_blocks(p) + (p.total_tiles + 1) / 2;
+  return 1 + 2 * compact_index_rows(p) + compact_prep_blocks(p) + p.table_entries + (p.total_tiles + 1) / 2;
 }
 
 inline CompactWorkspace compact_inplace_workspace(const CompactParams& p, int64_t* words) {
@@ -176,7 +207,8 @@ inline CompactWorkspace compact_inplace_workspace(const CompactParams& p, int64_
   w.ticket = reinterpret_cast<unsigned*>(words);
   w.segments = words + 1;
   w.block_max = w.segments + 2 * compact_index_rows(p);
-  w.flags = reinterpret_cast<unsigned*>(w.block_max + w.prep_blocks);
+  w.table = reinterpret_cast<int2*>(w.block_max + w.prep_blocks);
+  w.flags = reinterpret_cast<unsigned*>(w.table + p.table_entries);
   return w;
 }
 
@@ -378,31 +410,68 @@ __global__ void __launch_bounds__(kThreads) compact_gather(const CompactParams p
 
 // ---- in place -----------------------------------------------------------------------------
 
-// Pre-pass: zeroes the ticket and the flags; per index row (one warp each), the identity
-// prefix P (the number of leading rows with src(i) == i, a 32-way search: the predicate is a
-// prefix for ascending indices, and any result in [0, count] is safe for bad ones) and the
-// clamped count; per block, the most rows any of its segments moves.
+// Pre-pass: zeroes the ticket and the flags. Each warp takes one index row r and 32 row tiles
+// j of one group: it finds the row's identity prefix P (the number of leading rows with
+// src(i) == i, a 32-way search: the predicate is a prefix for ascending indices, and any result
+// in [0, count] is safe for bad ones) and clamped count, and fills the group's awaited-range
+// entries from those row tiles' sources. Row tile j (rows [P + jR, ...), j < J) reads rows whose
+// row tiles are [lo_j, hi_j], both nondecreasing in j for ascending indices, so row tile k
+// awaits the j < k with hi_j >= k and lo_j <= k: the range [min{j : hi_j >= k},
+// max{j : lo_j <= k}], written by the j whose (hi_{j-1}, hi_j] and [lo_j, lo_{j+1}) hold k.
+// Bad indices may leave entries stale: the move clamps them into [0, k - 1], so they can only
+// order wrongly what is wrong anyway, never hang or read out of bounds. The first group's warp
+// with j = 0 also stores (P, count) of its row; per block, the most rows a segment moves.
 __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams p, const CompactWorkspace w) {
   __shared__ int64_t s_max[kWarps];
+  pdl_launch_dependents();  // compact_move may get resident now; it waits for this grid's writes
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.total_tiles; i += stride) {
     w.flags[i] = 0u;
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) *w.ticket = 0u;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int64_t moves = 0;
-  if (r < compact_index_rows(p)) {  // warp-uniform
+  if (item < p.prep_warps) {  // warp-uniform
+    int g = 0;
+#pragma unroll
+    for (int i = 1; i < kMaxCompactTensors; ++i) {
+      if (i < p.num_tensors && p.group[i] == i && item >= p.prep_first[i]) g = i;
+    }
+    const CompactTensor& x = p.t[g];
+    const int64_t chunks = max((x.row_tiles + 31) / 32, int64_t{1});
+    const int64_t local = item - p.prep_first[g];
+    const int64_t r = div64(local, chunks);
+    const int64_t c = local - r * chunks;
     const int64_t b = r / p.idx_H, h = r - b * p.idx_H;
     const int64_t off = index_offset(p, b, h);
     const int64_t count = segment_count(p, b, h);
     const IndexArray idx = p.indices;
     const int64_t start = warp_count_below(count, 1, [&](int64_t k) { return idx[off + k] != k ? 1 : 0; }, lane);
-    if (lane == 0) {
-      w.segments[2 * r] = start;
-      w.segments[2 * r + 1] = count;
+    if (g == 0 && c == 0) {
+      if (lane == 0) {
+        w.segments[2 * r] = start;
+        w.segments[2 * r + 1] = count;
+      }
+      moves = count - start;
     }
-    moves = count - start;
+    const int64_t R = x.tile_rows;
+    const int64_t J = (count - start + R - 1) / R;  // row tiles with rows to move (<= row_tiles)
+    const int64_t j = c * 32 + lane;
+    if (j < J) {
+      auto tile_of = [&](int64_t i) { return min(div64(clamp64(idx[off + i], start, p.N - 1) - start, R), J - 1); };
+      const int64_t first = start + j * R;
+      const int64_t lo = tile_of(first);
+      const int64_t hi = tile_of(min(first + R, count) - 1);
+      const int64_t hi_prev = j > 0 ? tile_of(first - 1) : -1;  // row tile j - 1 is full
+      const int64_t lo_next = j + 1 < J ? tile_of(first + R) : J;
+      int2* e = w.table + p.table_first[g] + r * x.row_tiles;
+      for (int64_t k = hi_prev + 1; k <= hi; ++k) e[k].x = static_cast<int>(j);
+      for (int64_t k = lo; k < lo_next; ++k) e[k].y = static_cast<int>(j);
+      if (j == 0) {
+        for (int64_t k = 0; k < lo; ++k) e[k].y = -1;  // no reader
+      }
+    }
   }
   moves = warp_max(moves);
   if (lane == 0) s_max[warp] = moves;
@@ -426,8 +495,8 @@ struct TileMeta {
 
 // Issues the loads of tile d (id) into buf (chunk l of the tile at byte l * vec, a slot of the
 // thread that stores it) and returns the mask of this thread's chunks that move; thread 0
-// fills `meta`, warps 0 and 1 find the row tiles [a, b] to await into s_wait (read only when
-// some chunk moves and row_tile > 0).
+// fills `meta` and s_wait, the row tiles [a, b] to await from the pre-pass's table (read only
+// when some chunk moves and row_tile > 0).
 template <int kVec>
 __device__ __forceinline__ unsigned load_tile(const CompactParams& p, const CompactWorkspace& w, const Tile& d,
                                               int64_t id, char* buf, int64_t* s_wait, TileMeta* meta) {
@@ -436,6 +505,11 @@ __device__ __forceinline__ unsigned load_tile(const CompactParams& p, const Comp
   const int64_t seg_row = d.b * p.idx_H + (p.per_head ? d.h : 0);
   const int64_t start = __ldg(w.segments + 2 * seg_row);  // written by compact_prepare
   const int64_t count = __ldg(w.segments + 2 * seg_row + 1);
+  // Row tile 0 awaits nothing; written by compact_prepare, as are the segments.
+  int2 await = make_int2(0, -1);
+  if (threadIdx.x == 0 && d.row_tile > 0) {
+    await = __ldg(w.table + p.table_first[p.group[d.t]] + seg_row * x.row_tiles + d.row_tile);
+  }
   const int64_t R = x.tile_rows;
   const int64_t row0 = start + d.row_tile * R;
   const int64_t col0 = d.stripe * x.width;
@@ -446,21 +520,21 @@ __device__ __forceinline__ unsigned load_tile(const CompactParams& p, const Comp
   char* out = x.out + d.b * x.o_sb + d.h * x.o_sh + col0 * kVec;
 
   // Tile-local row and column of each chunk (-1: none); all index loads, then all data loads.
-  int r[kUnroll], col[kUnroll];
+  int r[kMoveUnroll], col[kMoveUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kMoveUnroll; ++u) {
     const int l = threadIdx.x + u * kThreads;
     r[u] = tile_row(l, x.width_magic);
     col[u] = l - r[u] * x.width;
     if (r[u] >= R || col[u] >= cols || row0 + r[u] >= count) r[u] = -1;
   }
-  int64_t src_row[kUnroll];
+  int64_t src_row[kMoveUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) src_row[u] = r[u] >= 0 ? idx[idx_off + row0 + r[u]] : -1;
+  for (int u = 0; u < kMoveUnroll; ++u) src_row[u] = r[u] >= 0 ? idx[idx_off + row0 + r[u]] : -1;
   unsigned mask = 0;
-  V v[kUnroll];  // narrow rows only: plain loads (all in flight together), then shared stores
+  V v[kMoveUnroll];  // narrow rows only: plain loads (all in flight together), then shared stores
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kMoveUnroll; ++u) {
     const int64_t s = clamp64(src_row[u], 0, p.N - 1);
     const bool move = r[u] >= 0 && s != row0 + r[u];  // rows with src(i) == i stay
     const char* from = src + s * x.s_sn + static_cast<int64_t>(col[u]) * kVec;
@@ -473,27 +547,15 @@ __device__ __forceinline__ unsigned load_tile(const CompactParams& p, const Comp
   }
   if constexpr (kVec != 16) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kMoveUnroll; ++u) {
       if (mask & (1u << u)) *reinterpret_cast<V*>(buf + (threadIdx.x + u * kThreads) * kVec) = v[u];
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t rt = d.row_tile;
-  if (warp < 2 && rt > 0 && row0 < count) {
-    // Earlier row tiles k < rt (rows [start + k R, start + k R + R), all < row0 < count) that
-    // may read [row0, end): those whose last source reaches row0 and whose first source is
-    // below end. Both keys are nondecreasing in k for ascending indices.
-    const int64_t end = min(row0 + R, count);
-    const int64_t base = idx_off + start;
-    int64_t bound;
-    if (warp == 0) {
-      bound = warp_count_below(rt, row0, [&](int64_t k) { return idx[base + k * R + R - 1]; }, lane);
-    } else {
-      bound = warp_count_below(rt, end, [&](int64_t k) { return idx[base + k * R]; }, lane) - 1;
-    }
-    if (lane == 0) s_wait[warp] = bound;  // the awaited row tiles are [s_wait[0], s_wait[1]]
+  if (threadIdx.x == 0) {
+    *meta = TileMeta{out, row0, x.o_sn, id, d.row_tile, d.round_stride, x.width, kVec, x.width_magic};
+    s_wait[0] = max(await.x, 0);  // clamped: stale entries (bad indices) stay below this tile
+    s_wait[1] = min(static_cast<int64_t>(await.y), d.row_tile - 1);
   }
-  if (threadIdx.x == 0) *meta = TileMeta{out, row0, x.o_sn, id, rt, d.round_stride, x.width, kVec, x.width_magic};
   return mask;
 }
 
@@ -502,7 +564,7 @@ template <int kVec>
 __device__ __forceinline__ void store_tile(const TileMeta& m, unsigned mask, const char* buf) {
   using V = typename Bytes<kVec>::type;
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kMoveUnroll; ++u) {
     if (mask & (1u << u)) {
       const int l = threadIdx.x + u * kThreads;
       const int r = tile_row(l, m.width_magic);
@@ -516,22 +578,30 @@ __device__ __forceinline__ void store_tile(const TileMeta& m, unsigned mask, con
 // only the tiles of rounds that some segment needs: the rounds of a group beyond the longest
 // move (block_max) are skipped.
 __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams p, const CompactWorkspace w) {
-  __shared__ alignas(16) char s_buf[2][kTileChunks * 16];
+  __shared__ alignas(16) char s_buf[2][kMoveTileChunks * 16];
   __shared__ int64_t s_id[2];
+  __shared__ unsigned s_ticket;  // the block's second ticket, for kTicketThread
   __shared__ int64_t s_wait[2][2];
   __shared__ TileMeta s_meta[2];
   __shared__ int64_t s_tiles[kMaxCompactTensors];  // tiles handed out per group
   __shared__ int64_t s_max[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
+  pdl_wait();  // launched as a dependent of compact_prepare: its workspace is ready
+  // Thread 0 takes the block's first two tickets before the round count is known (a ticket v
+  // maps to the v-th tile of the rounds with work), so that the atomic's round trip overlaps
+  // the block_max loads. From then on kTicketThread takes the ticket of the tile after next
+  // one iteration early, so that the atomic's round trip overlaps the current tile instead of
+  // adding to its chain; not in warp 0, which awaits flags. A block then holds three tiles
+  // (current, next, ticket), all above the ones it awaits, so it still waits only for ids below
+  // its current one: no deadlock (module comment).
+  constexpr int kTicketThread = 32;
+  const unsigned first = threadIdx.x == 0 ? atomicAdd(w.ticket, 2u) : 0u;
   int64_t most = 0;
   for (int64_t i = threadIdx.x; i < w.prep_blocks; i += kThreads) most = max(most, __ldg(w.block_max + i));
   most = warp_max(most);
   if (lane == 0) s_max[warp] = most;
   __syncthreads();
-  // Thread 0 alone takes tickets: a ticket v maps to the v-th tile of the rounds with work.
-  auto take = [&]() -> int64_t {
-    int64_t v = atomicAdd(w.ticket, 1u);
+  auto tile_of_ticket = [&](int64_t v) -> int64_t {
     for (int g = 0; g < p.num_tensors; ++g) {
       if (p.group[g] != g) continue;
       if (v < s_tiles[g]) return p.t[g].first_tile + v;
@@ -546,9 +616,14 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
       const int64_t rounds = min(x.row_tiles, (most + x.tile_rows - 1) / x.tile_rows);
       s_tiles[g] = p.group[g] == g ? rounds * p.B * x.H * x.stripes * p.group_size[g] : 0;
     }
-    s_id[0] = take();
   }
   __syncthreads();
+  if (threadIdx.x == 0) {
+    s_id[0] = tile_of_ticket(first);
+    s_ticket = first + 1;
+  }
+  __syncthreads();
+  unsigned pending = threadIdx.x == kTicketThread ? s_ticket : 0u;
 
   auto load = [&](int64_t id, int s) {
     const Tile d = decode_move_tile(p, id);
@@ -589,8 +664,9 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   bool published = false;  // the current tile's flag is already set (uniform)
   while (true) {
     // s_id[s ^ 1] was last read before the previous iteration's barriers.
-    if (threadIdx.x == 0) s_id[s ^ 1] = take();
+    if (threadIdx.x == kTicketThread) s_id[s ^ 1] = tile_of_ticket(pending);
     __syncthreads();
+    if (threadIdx.x == kTicketThread && s_id[s ^ 1] >= 0) pending = atomicAdd(w.ticket, 1u);
     const int64_t next_id = s_id[s ^ 1];
     const unsigned next = next_id >= 0 ? load(next_id, s ^ 1) : 0u;
     cp_async_commit();  // possibly empty: the group of `cur` is then never the newest
@@ -663,9 +739,22 @@ inline cudaError_t launch_compact_inplace(const CompactParams& p, int64_t* words
   compact_prepare<<<static_cast<unsigned>(w.prep_blocks), kThreads, 0, stream>>>(p, w);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t grid = min(p.total_tiles, resident_blocks<true>());
-  compact_move<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, w);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(min(p.total_tiles, resident_blocks<true>())));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  // Programmatic dependent launch (compute capability 9.0+): the move's blocks get resident
+  // while the pre-pass runs, and wait for its writes in pdl_wait.
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = major >= 9 ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, compact_move, p, w);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 }  // namespace pyramid_kv::kernels
