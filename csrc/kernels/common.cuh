@@ -78,6 +78,16 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// An attribute of the current device (0 if it cannot be read).
+inline int current_device_attribute(cudaDeviceAttr attr) {
+  int device = 0, v = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&v, attr, device) != cudaSuccess) {
+    cudaGetLastError();  // clear it, so that no launch check reports it
+    return 0;
+  }
+  return v;
+}
+
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 }  // namespace pyramid_kv::kernels

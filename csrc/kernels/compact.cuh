@@ -140,6 +140,9 @@ inline void plan_compact_tiles(CompactParams& p, const int64_t* row_bytes, bool 
   p.total_tiles = next;
 }
 
+// Index rows: B * H per head, else B.
+__host__ __device__ inline int64_t compact_index_rows(const CompactParams& p) { return p.B * p.idx_H; }
+
 // In place: after plan_compact_tiles, groups consecutive tensors tiled alike (same heads, tile
 // shape and tile counts) so that their tiles interleave round by round; every member of a
 // group gets the group's first tile id. total_tiles is unchanged.
@@ -164,7 +167,7 @@ inline void plan_compact_inplace(CompactParams& p) {
   }
   // Awaited-range tables (compact_prepare): one per group, an entry per index row and row tile,
   // filled by warps of 32 row tiles (at least one warp per index row: it also finds P).
-  const int64_t index_rows = p.B * p.idx_H;
+  const int64_t index_rows = compact_index_rows(p);
   p.table_entries = 0;
   p.prep_warps = 0;
   for (int i = 0; i < p.num_tensors; ++i) {
@@ -185,9 +188,6 @@ struct CompactWorkspace {
   unsigned* flags;      // [total_tiles]: the tile's reads are done
   int64_t prep_blocks;
 };
-
-// Index rows: B * H per head, else B.
-__host__ __device__ inline int64_t compact_index_rows(const CompactParams& p) { return p.B * p.idx_H; }
 
 // Blocks of compact_prepare: its warps, and enough threads to zero the flags fast.
 inline int64_t compact_prep_blocks(const CompactParams& p) {
@@ -248,13 +248,21 @@ __device__ __forceinline__ Tile decode_tile(const CompactParams& p, int64_t id) 
   return d;
 }
 
-// In place: group-major, then round (row tile), tensor of the group, segment, stripe.
-__device__ __forceinline__ Tile decode_move_tile(const CompactParams& p, int64_t id) {
+// In place: the group whose range of first(i) (a per-group start: tile ids, pre-pass warps)
+// holds v, as the index of its first tensor.
+template <typename First>
+__device__ __forceinline__ int group_holding(const CompactParams& p, int64_t v, First first) {
   int g = 0;
 #pragma unroll
   for (int i = 1; i < kMaxCompactTensors; ++i) {
-    if (i < p.num_tensors && p.group[i] == i && id >= p.t[i].first_tile) g = i;
+    if (i < p.num_tensors && p.group[i] == i && v >= first(i)) g = i;
   }
+  return g;
+}
+
+// In place: group-major, then round (row tile), tensor of the group, segment, stripe.
+__device__ __forceinline__ Tile decode_move_tile(const CompactParams& p, int64_t id) {
+  const int g = group_holding(p, id, [&](int i) { return p.t[i].first_tile; });
   const CompactTensor& x = p.t[g];
   const int64_t cols = p.B * x.H * x.stripes;  // tiles of one tensor per round
   Tile d;
@@ -420,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) compact_gather(const CompactParams p
 // max{j : lo_j <= k}], written by the j whose (hi_{j-1}, hi_j] and [lo_j, lo_{j+1}) hold k.
 // Bad indices may leave entries stale: the move clamps them into [0, k - 1], so they can only
 // order wrongly what is wrong anyway, never hang or read out of bounds. The first group's warp
-// with j = 0 also stores (P, count) of its row; per block, the most rows a segment moves.
+// of row tiles 0-31 also stores (P, count) of its row; per block, the most rows a segment moves.
 __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams p, const CompactWorkspace w) {
   __shared__ int64_t s_max[kWarps];
   pdl_launch_dependents();  // compact_move may get resident now; it waits for this grid's writes
@@ -433,11 +441,7 @@ __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams 
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   int64_t moves = 0;
   if (item < p.prep_warps) {  // warp-uniform
-    int g = 0;
-#pragma unroll
-    for (int i = 1; i < kMaxCompactTensors; ++i) {
-      if (i < p.num_tensors && p.group[i] == i && item >= p.prep_first[i]) g = i;
-    }
+    const int g = group_holding(p, item, [&](int i) { return p.prep_first[i]; });
     const CompactTensor& x = p.t[g];
     const int64_t chunks = max((x.row_tiles + 31) / 32, int64_t{1});
     const int64_t local = item - p.prep_first[g];
@@ -616,9 +620,6 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
       const int64_t rounds = min(x.row_tiles, (most + x.tile_rows - 1) / x.tile_rows);
       s_tiles[g] = p.group[g] == g ? rounds * p.B * x.H * x.stripes * p.group_size[g] : 0;
     }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
     s_id[0] = tile_of_ticket(first);
     s_ticket = first + 1;
   }
@@ -713,9 +714,7 @@ inline int64_t resident_blocks() {
     }
     return n > 0 ? n : 1;
   }();
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
   return static_cast<int64_t>(sms > 0 ? sms : 1) * per_sm;
 }
 
@@ -745,9 +744,7 @@ inline cudaError_t launch_compact_inplace(const CompactParams& p, int64_t* words
   cfg.stream = stream;
   // Programmatic dependent launch (compute capability 9.0+): the move's blocks get resident
   // while the pre-pass runs, and wait for its writes in pdl_wait.
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  const int major = current_device_attribute(cudaDevAttrComputeCapabilityMajor);
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
