@@ -197,6 +197,36 @@ def test_inplace_reference_and_untouched_rows(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (256, torch.float32)])
+def test_inplace_identity_prefix_edges(device, D, dtype):
+    """Identity prefixes at the pre-pass's branch points: under and over the 32 rows its first
+    round tests, under and over one tile (80 rows of bf16 D=128, 20 of f32 D=256: the tiles
+    then start at the prefix instead of row 0), the whole count, and counts under 32."""
+    g = generator(31)
+    N, C = 1000, 700
+    prefixes = [0, 1, 19, 20, 21, 31, 32, 33, 79, 80, 81, 500, 700]
+    rows = len(prefixes) + 2
+    idx = torch.full((rows, C), -1, dtype=torch.long)
+    counts = torch.zeros(rows, dtype=torch.long)
+    for r, prefix in enumerate(prefixes):
+        sel, cnt = ascending_selection(g, 1, N - prefix, C - prefix, 0.3)
+        c = prefix + int(cnt[0])
+        idx[r, :prefix] = torch.arange(prefix)
+        idx[r, prefix:c] = sel[0, :int(cnt[0])] + prefix
+        counts[r] = c
+    idx[-2, :20] = torch.arange(20)  # a count under 32, all identity
+    counts[-2] = 20
+    idx[-1, :5] = torch.tensor([0, 1, 7, 8, 900])  # a count under 32, some rows moving
+    counts[-1] = 5
+    k = random_tensor(g, (rows, 2, N, D), dtype)
+    v = random_tensor(g, (rows, 2, N, D), dtype)
+    expect = ref.compact([k, v], idx, counts)
+    tensors = [k.to(device), v.to(device)]
+    pk.compact_(tensors, idx.to(device), counts.to(device))
+    check_inplace(tensors, idx, counts, expect)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("per_head", [False, True])
 def test_inplace_decode_splice(device, per_head):
     """The runner's decode eviction (selection.splice_chunk): identity up to a start offset, a

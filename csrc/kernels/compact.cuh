@@ -15,11 +15,12 @@
 // In place (compact_move). Row i of a segment takes row src(i) = indices[i] with indices
 // strictly ascending, so src(i) >= i, and the rows with src(i) == i form a prefix [0, P) (once
 // src(i) > i, src(i + 1) > i + 1). A pre-pass (compact_prepare) finds P and the clamped count
-// of every index row; the move then tiles only the rows [P, count) of each segment (decode
-// moves a short tail behind a long identity prefix: a few tiles in all). A tile with
-// destination rows [S, E) reads only rows >= S of its stripe, so a later tile of the stripe
-// never reads a row that an earlier one writes; the only hazard is an EARLIER tile k reading a
-// row of [S, E) that this tile overwrites (write-after-read). Protocol per tile: (1) load all
+// of every index row; the move then tiles the rows [start, count) of each segment, start = P
+// when P is a tile or more (decode moves a short tail behind a long identity prefix: a few
+// tiles in all), else 0 (the tiles' edges then need no search; the rows of [0, P) stay). A
+// tile with destination rows [S, E) reads only rows >= S of its stripe, so a later tile of the
+// stripe never reads a row that an earlier one writes; the only hazard is an EARLIER tile k
+// reading a row of [S, E) that this tile overwrites (write-after-read). Protocol per tile: (1) load all
 // source chunks (cp.async into shared memory) and wait for them, (2) pass a block barrier and
 // publish a "read done" flag (one thread's release store after the barrier; the awaiting
 // side reads flags with acquire loads, then a barrier: CUTLASS's grid-barrier pattern), (3)
@@ -28,7 +29,8 @@
 // instead of searches in the tile's chain of dependent loads), (4) pass a barrier and store.
 // Blocks are software-pipelined: a block issues the loads of its next tile before it
 // publishes, waits for and stores its current one, so the protocol's latency overlaps a tile
-// of loads in flight. The move is a programmatic dependent launch of the pre-pass.
+// of loads in flight. The move is a programmatic dependent launch of the pre-pass, and
+// prefetches the sources of its first tiles into L2 while it waits for it.
 //
 // In-place tile ids run round-major: row tile (round) r of every segment of every tensor of a
 // group (consecutive tensors tiled alike, such as K and V) before round r + 1, so the tiles a
@@ -182,7 +184,7 @@ inline void plan_compact_inplace(CompactParams& p) {
 // In-place workspace: int64 words, all initialised by compact_prepare (allocate uninitialised).
 struct CompactWorkspace {
   unsigned* ticket;     // next tile ticket
-  int64_t* segments;    // [index rows][2]: identity prefix P, clamped count
+  int64_t* segments;    // [index rows][2]: first tiled row (start), clamped count
   int64_t* block_max;   // [prep_blocks]: most rows a segment of the prep block moves
   int2* table;          // [table_entries]: the earlier row tiles [x, y] that a row tile awaits
   unsigned* flags;      // [total_tiles]: the tile's reads are done
@@ -309,13 +311,12 @@ __device__ __forceinline__ unsigned acquire_flag(const unsigned* flag) {
   return v;
 }
 
-// The number of k in [0, n) with key(k) < x, found by one warp in 32-way steps, when key is
-// nondecreasing in k. For any key the result lies in [0, n] and the loop ends (the interval
-// shrinks every step), so bad input cannot make it read outside [0, n).
+// The number of k in [lo, hi) with key(k) < x, plus lo, found by one warp in 32-way steps, when
+// key is nondecreasing in k. For any key the result lies in [lo, max(lo, hi)] and the loop ends
+// (the interval shrinks every step), so bad input cannot make it read outside [lo, hi).
 template <typename Key>
-__device__ __forceinline__ int64_t warp_count_below(int64_t n, int64_t x, Key key, int lane) {
-  int64_t lo = 0, hi = n;  // the answer lies in [lo, hi]
-  while (true) {
+__device__ __forceinline__ int64_t warp_count_below(int64_t lo, int64_t hi, int64_t x, Key key, int lane) {
+  while (true) {  // the answer lies in [lo, hi]
     const int64_t len = hi - lo;
     if (len <= 32) {
       const bool below = lane < len && key(lo + lane) < x;
@@ -328,6 +329,30 @@ __device__ __forceinline__ int64_t warp_count_below(int64_t n, int64_t x, Key ke
     hi = min(lo + (m + 1) * step - 1, hi);  // key(q_m) >= x (or q_m >= hi): answer <= q_m
     lo += m * step;
   }
+}
+
+// The identity prefix P of an index row (the leading rows k < count with idx[k] == k, which
+// stay) for one warp, whose first round of loads does not wait for the count: the search runs
+// over the row's capacity, rows >= count counting as moving, and that round also tests rows
+// 0-31 directly, so that P < 32 (every keep pattern but a long identity prefix) costs one round
+// trip beside the count's load. Any result lies in [0, count] (safe for bad indices).
+__device__ __forceinline__ int64_t identity_prefix(const CompactParams& p, int64_t b, int64_t h, int lane) {
+  const IndexArray idx = p.indices;
+  const int64_t off = index_offset(p, b, h);
+  const int64_t cap = p.max_count;  // idx[off + k] is in bounds for k < cap, whatever the count
+  const int64_t step = (cap + 31) / 32;
+  const int64_t q = (lane + 1) * step - 1;
+  const int64_t near = lane < cap ? idx[off + lane] : -1;
+  const int64_t far = q < cap ? idx[off + q] : -1;
+  const int64_t count = segment_count(p, b, h);
+  const unsigned moves = __ballot_sync(0xffffffffu, !(lane < count && near == lane));
+  if (moves != 0u) return min(static_cast<int64_t>(__ffs(moves) - 1), count);
+  // Rows 0-31 stay (so count > 31): go on from the 32-way round over [0, cap).
+  const int m = __popc(__ballot_sync(0xffffffffu, q < count && far == q));
+  const int64_t lo = max(m * step, int64_t{32});
+  const int64_t hi = min((m + 1) * step - 1, count);
+  auto moving = [&](int64_t k) { return idx[off + k] != k ? 1 : 0; };
+  return min(warp_count_below(lo, max(lo, hi), 1, moving, lane), count);
 }
 
 __device__ __forceinline__ int64_t warp_max(int64_t v) {
@@ -419,16 +444,16 @@ __global__ void __launch_bounds__(kThreads) compact_gather(const CompactParams p
 // ---- in place -----------------------------------------------------------------------------
 
 // Pre-pass: zeroes the ticket and the flags. Each warp takes one index row r and 32 row tiles
-// j of one group: it finds the row's identity prefix P (the number of leading rows with
-// src(i) == i, a 32-way search: the predicate is a prefix for ascending indices, and any result
-// in [0, count] is safe for bad ones) and clamped count, and fills the group's awaited-range
-// entries from those row tiles' sources. Row tile j (rows [P + jR, ...), j < J) reads rows whose
-// row tiles are [lo_j, hi_j], both nondecreasing in j for ascending indices, so row tile k
-// awaits the j < k with hi_j >= k and lo_j <= k: the range [min{j : hi_j >= k},
-// max{j : lo_j <= k}], written by the j whose (hi_{j-1}, hi_j] and [lo_j, lo_{j+1}) hold k.
-// Bad indices may leave entries stale: the move clamps them into [0, k - 1], so they can only
-// order wrongly what is wrong anyway, never hang or read out of bounds. The first group's warp
-// of row tiles 0-31 also stores (P, count) of its row; per block, the most rows a segment moves.
+// j of one group: it finds the row's identity prefix P (identity_prefix; any result in
+// [0, count] is safe for bad indices), its start (P, or 0 below a tile) and clamped count, and
+// fills the group's awaited-range entries from those row tiles' sources. Row tile j (rows
+// [start + jR, ...), j < J) reads rows whose row tiles are [lo_j, hi_j], both nondecreasing in
+// j for ascending indices, so row tile k awaits the j < k with hi_j >= k and lo_j <= k: the
+// range [min{j : hi_j >= k}, max{j : lo_j <= k}], written by the j whose (hi_{j-1}, hi_j] and
+// [lo_j, lo_{j+1}) hold k. Bad indices may leave entries stale: the move clamps them into
+// [0, k - 1], so they can only order wrongly what is wrong anyway, never hang or read out of
+// bounds. The first group's warp of row tiles 0-31 also stores (start, count) of its row; per
+// block, the most rows a segment moves.
 __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams p, const CompactWorkspace w) {
   __shared__ int64_t s_max[kWarps];
   pdl_launch_dependents();  // compact_move may get resident now; it waits for this grid's writes
@@ -449,9 +474,26 @@ __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams 
     const int64_t c = local - r * chunks;
     const int64_t b = r / p.idx_H, h = r - b * p.idx_H;
     const int64_t off = index_offset(p, b, h);
-    const int64_t count = segment_count(p, b, h);
     const IndexArray idx = p.indices;
-    const int64_t start = warp_count_below(count, 1, [&](int64_t k) { return idx[off + k] != k ? 1 : 0; }, lane);
+    const int64_t R = x.tile_rows;
+    const int64_t j = c * 32 + lane;
+    // The sources at row tile j's edges, for tiles from row 0: loaded beside identity_prefix's
+    // first round, so that a row with P < R (tiles then start at row 0) needs one round trip.
+    int64_t edge[4];  // rows first - 1, first, first + R - 1, first + R
+    auto load_edges = [&](int64_t first) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t i = first + (e < 2 ? e - 1 : R + e - 3);
+        edge[e] = i >= 0 && i < p.max_count ? idx[off + i] : 0;  // in bounds whatever the count
+      }
+    };
+    load_edges(j * R);
+    const int64_t prefix = identity_prefix(p, b, h, lane);
+    const int64_t count = segment_count(p, b, h);
+    // Tiles start at P only past a prefix of a tile or more (decode: a short tail behind a long
+    // prefix stays one round); the identity rows [start, P) of tile 0 are skipped by the move.
+    const int64_t start = prefix < R ? 0 : prefix;
+    if (start != 0) load_edges(start + j * R);  // warp-uniform
     if (g == 0 && c == 0) {
       if (lane == 0) {
         w.segments[2 * r] = start;
@@ -459,16 +501,15 @@ __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams 
       }
       moves = count - start;
     }
-    const int64_t R = x.tile_rows;
     const int64_t J = (count - start + R - 1) / R;  // row tiles with rows to move (<= row_tiles)
-    const int64_t j = c * 32 + lane;
     if (j < J) {
-      auto tile_of = [&](int64_t i) { return min(div64(clamp64(idx[off + i], start, p.N - 1) - start, R), J - 1); };
-      const int64_t first = start + j * R;
-      const int64_t lo = tile_of(first);
-      const int64_t hi = tile_of(min(first + R, count) - 1);
-      const int64_t hi_prev = j > 0 ? tile_of(first - 1) : -1;  // row tile j - 1 is full
-      const int64_t lo_next = j + 1 < J ? tile_of(first + R) : J;
+      auto tile_of = [&](int64_t src) { return min(div64(clamp64(src, start, p.N - 1) - start, R), J - 1); };
+      const int64_t lo = tile_of(edge[1]);
+      // The last row tile reads at or past itself (src(i) >= i): hi = J - 1, without the
+      // source of row count - 1 (which would wait for the count).
+      const int64_t hi = j + 1 < J ? tile_of(edge[2]) : J - 1;
+      const int64_t hi_prev = j > 0 ? tile_of(edge[0]) : -1;  // row tile j - 1 is full
+      const int64_t lo_next = j + 1 < J ? tile_of(edge[3]) : J;
       int2* e = w.table + p.table_first[g] + r * x.row_tiles;
       for (int64_t k = hi_prev + 1; k <= hi; ++k) e[k].x = static_cast<int>(j);
       for (int64_t k = lo; k < lo_next; ++k) e[k].y = static_cast<int>(j);
@@ -578,6 +619,46 @@ __device__ __forceinline__ void store_tile(const TileMeta& m, unsigned mask, con
   }
 }
 
+// The L2 prefetch of the source of row i of tile d's segment, if the row moves.
+__device__ __forceinline__ void prefetch_row(const CompactParams& p, const Tile& d, int64_t i) {
+  const CompactTensor& x = p.t[d.t];
+  const int64_t off = index_offset(p, d.b, d.h);
+  const int64_t s = i < p.max_count ? p.indices[off + i] : -1;  // in bounds before the count is known
+  const int64_t count = segment_count(p, d.b, d.h);
+  if (i < count && s != i && s >= 0 && s < p.N) {
+    const int64_t col0 = d.stripe * x.width;
+    const int64_t bytes = min(static_cast<int64_t>(x.width), x.row_chunks - col0) * x.vec;
+    const char* src = x.src + d.b * x.s_sb + d.h * x.s_sh + s * x.s_sn + col0 * x.vec;
+    // Per 128-byte line through the LSU (bulk prefetches of every row issued slowly).
+    for (int64_t o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(src + o));
+  }
+}
+
+// While the pre-pass runs (the move is its programmatic dependent), warms L2 with the sources
+// of the block's likely first tiles: tickets 2 * blockIdx.x and + 1, read as tiles of the first
+// group that start at row 0 (as they do unless a segment's identity prefix is a tile or more).
+// A hint only, whatever the guess: the first wave's DRAM reads overlap the pre-pass (measured:
+// +1-4 points of copy at keep 25%; prefetching a second wave too lost 2-3 points). Only rows
+// that move are fetched, so a decode-style identity prefix costs nothing.
+__device__ __forceinline__ void prefetch_first_tiles(const CompactParams& p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int64_t id0 = 2 * static_cast<int64_t>(blockIdx.x);
+  if (id0 >= p.total_tiles) return;
+  const Tile d0 = decode_move_tile(p, id0);
+  const bool two = id0 + 1 < p.total_tiles;
+  const Tile d1 = decode_move_tile(p, two ? id0 + 1 : id0);
+  const int rows0 = p.t[d0.t].tile_rows, rows1 = two ? p.t[d1.t].tile_rows : 0;
+  // One row per thread over both tiles, so that all index loads are in flight together.
+  for (int e = threadIdx.x; e < rows0 + rows1; e += kThreads) {
+    if (e < rows0) {
+      prefetch_row(p, d0, d0.row_tile * rows0 + e);
+    } else {
+      prefetch_row(p, d1, d1.row_tile * rows1 + e - rows0);
+    }
+  }
+#endif
+}
+
 // In place: tiles in ticket order, two in flight per block (module comment). The tickets count
 // only the tiles of rounds that some segment needs: the rounds of a group beyond the longest
 // move (block_max) are skipped.
@@ -590,6 +671,7 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   __shared__ int64_t s_tiles[kMaxCompactTensors];  // tiles handed out per group
   __shared__ int64_t s_max[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  prefetch_first_tiles(p);
   pdl_wait();  // launched as a dependent of compact_prepare: its workspace is ready
   // Thread 0 takes the block's first two tickets before the round count is known (a ticket v
   // maps to the v-th tile of the rounds with work), so that the atomic's round trip overlaps
