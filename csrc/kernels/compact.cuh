@@ -41,6 +41,8 @@
 #pragma once
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "common.cuh"
@@ -778,26 +780,46 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   }
 }
 
+// Blocks of the kernel that fit on one SM of the current device (a host query, remembered per
+// device: the carveout hint and the occupancy belong to the device's context).
+template <bool kInPlace>
+inline int blocks_per_sm() {
+  static std::mutex mu;
+  static std::map<int, int> known;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(dev);
+    if (it != known.end()) return it->second;
+  }
+  int n = 0;
+  if (kInPlace) {
+    // 4 blocks x 42 KB of shared memory per SM: ask for the largest carveout (a hint; the
+    // kernel reads around L1 anyway), so that the driver does not pick a smaller one.
+    if (cudaFuncSetAttribute(compact_move, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
+      cudaGetLastError();  // only a hint: clear its error, so that no launch check reports it
+    }
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_move, kThreads, 0);
+  } else {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_gather, kThreads, 0);
+  }
+  cudaGetLastError();  // a failed query leaves n = 0: one block per SM, and no stale error
+  n = n > 0 ? n : 1;
+  const std::lock_guard<std::mutex> lock(mu);
+  known[dev] = n;
+  return n;
+}
+
 // Blocks that fit on the current device at once: the grid of the persistent loops.
 template <bool kInPlace>
 inline int64_t resident_blocks() {
-  static const int per_sm = [] {
-    int n = 0;
-    if (kInPlace) {
-      // 4 blocks x 34 KB of shared memory per SM: ask for the largest carveout (a hint; the
-      // kernel reads around L1 anyway), so that the driver does not pick a smaller one.
-      if (cudaFuncSetAttribute(compact_move, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
-        cudaGetLastError();  // only a hint: clear its error, so that no launch check reports it
-      }
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_move, kThreads, 0);
-    } else {
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_gather, kThreads, 0);
-    }
-    return n > 0 ? n : 1;
-  }();
   const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
-  return static_cast<int64_t>(sms > 0 ? sms : 1) * per_sm;
+  return static_cast<int64_t>(sms > 0 ? sms : 1) * blocks_per_sm<kInPlace>();
 }
 
 }  // namespace compact_detail
