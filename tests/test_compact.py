@@ -200,11 +200,12 @@ def test_inplace_reference_and_untouched_rows(device):
 @pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (256, torch.float32)])
 def test_inplace_identity_prefix_edges(device, D, dtype):
     """Identity prefixes at the pre-pass's branch points: under and over the 32 rows its first
-    round tests, under and over one tile (80 rows of bf16 D=128, 20 of f32 D=256: the tiles
-    then start at the prefix instead of row 0), the whole count, and counts under 32."""
+    round tests, under and over one tile (C = 720 rows make 9 in-place tiles of 80 rows for
+    bf16 D=128 and 36 of 20 for f32 D=256: the tiles then start at the prefix instead of row 0),
+    the whole count, and counts under 32."""
     g = generator(31)
-    N, C = 1000, 700
-    prefixes = [0, 1, 19, 20, 21, 31, 32, 33, 79, 80, 81, 500, 700]
+    N, C = 1000, 720
+    prefixes = [0, 1, 19, 20, 21, 31, 32, 33, 79, 80, 81, 500, 720]
     rows = len(prefixes) + 2
     idx = torch.full((rows, C), -1, dtype=torch.long)
     counts = torch.zeros(rows, dtype=torch.long)

@@ -20,13 +20,14 @@
 // tiles in all), else 0 (the tiles' edges then need no search; the rows of [0, P) stay). A
 // tile with destination rows [S, E) reads only rows >= S of its stripe, so a later tile of the
 // stripe never reads a row that an earlier one writes; the only hazard is an EARLIER tile k
-// reading a row of [S, E) that this tile overwrites (write-after-read). Protocol per tile: (1) load all
-// source chunks (cp.async into shared memory) and wait for them, (2) pass a block barrier and
-// publish a "read done" flag (one thread's release store after the barrier; the awaiting
-// side reads flags with acquire loads, then a barrier: CUTLASS's grid-barrier pattern), (3)
-// wait for the flags of the earlier tiles of its stripe whose sources can lie in [S, E) (a
-// range [a, b] of row tiles that the pre-pass tabulates per index row and row tile: one lookup
-// instead of searches in the tile's chain of dependent loads), (4) pass a barrier and store.
+// reading a row of [S, E) that this tile overwrites (write-after-read). Protocol per tile:
+// (1) load all source chunks (cp.async into shared memory) and wait for them, (2) pass a block
+// barrier and publish a "read done" flag (one thread's release store after the barrier; the
+// awaiting side reads flags with acquire loads, then a barrier: CUTLASS's grid-barrier
+// pattern), (3) wait for the flags of the earlier tiles of its stripe whose sources can lie in
+// [S, E) (a range [a, b] of row tiles that the pre-pass tabulates per index row and row tile:
+// one lookup instead of searches in the tile's chain of dependent loads), (4) pass a barrier
+// and store.
 // Blocks are software-pipelined: a block issues the loads of its next tile before it
 // publishes, waits for and stores its current one, so the protocol's latency overlaps a tile
 // of loads in flight. The move is a programmatic dependent launch of the pre-pass, and
