@@ -334,20 +334,19 @@ __device__ __forceinline__ int64_t warp_count_below(int64_t lo, int64_t hi, int6
   }
 }
 
-// The identity prefix P of an index row (the leading rows k < count with idx[k] == k, which
-// stay) for one warp, whose first round of loads does not wait for the count: the search runs
-// over the row's capacity, rows >= count counting as moving, and that round also tests rows
-// 0-31 directly, so that P < 32 (every keep pattern but a long identity prefix) costs one round
-// trip beside the count's load. Any result lies in [0, count] (safe for bad indices).
-__device__ __forceinline__ int64_t identity_prefix(const CompactParams& p, int64_t b, int64_t h, int lane) {
+// The identity prefix P of the index row at `off` (the leading rows k < count with idx[k] == k,
+// which stay) for one warp, whose first round of loads does not depend on the count (the
+// caller's load of it stays in flight beside them): the search runs over the row's capacity,
+// rows >= count counting as moving, and that round also tests rows 0-31 directly, so that
+// P < 32 (every keep pattern but a long identity prefix) costs one round trip. Any result lies
+// in [0, count] (safe for bad indices).
+__device__ __forceinline__ int64_t identity_prefix(const CompactParams& p, int64_t off, int64_t count, int lane) {
   const IndexArray idx = p.indices;
-  const int64_t off = index_offset(p, b, h);
   const int64_t cap = p.max_count;  // idx[off + k] is in bounds for k < cap, whatever the count
   const int64_t step = (cap + 31) / 32;
   const int64_t q = (lane + 1) * step - 1;
   const int64_t near = lane < cap ? idx[off + lane] : -1;
   const int64_t far = q < cap ? idx[off + q] : -1;
-  const int64_t count = segment_count(p, b, h);
   const unsigned moves = __ballot_sync(0xffffffffu, !(lane < count && near == lane));
   if (moves != 0u) return min(static_cast<int64_t>(__ffs(moves) - 1), count);
   // Rows 0-31 stay (so count > 31): go on from the 32-way round over [0, cap).
@@ -477,6 +476,7 @@ __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams 
     const int64_t c = local - r * chunks;
     const int64_t b = r / p.idx_H, h = r - b * p.idx_H;
     const int64_t off = index_offset(p, b, h);
+    const int64_t count = segment_count(p, b, h);
     const IndexArray idx = p.indices;
     const int64_t R = x.tile_rows;
     const int64_t j = c * 32 + lane;
@@ -491,8 +491,7 @@ __global__ void __launch_bounds__(kThreads) compact_prepare(const CompactParams 
       }
     };
     load_edges(j * R);
-    const int64_t prefix = identity_prefix(p, b, h, lane);
-    const int64_t count = segment_count(p, b, h);
+    const int64_t prefix = identity_prefix(p, off, count, lane);
     // Tiles start at P only past a prefix of a tile or more (decode: a short tail behind a long
     // prefix stays one round); the identity rows [start, P) of tile 0 are skipped by the move.
     const int64_t start = prefix < R ? 0 : prefix;
@@ -781,12 +780,12 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   }
 }
 
-// Blocks of the kernel that fit on one SM of the current device (a host query, remembered per
-// device: the carveout hint and the occupancy belong to the device's context).
+// Blocks that fit on the current device at once, the grid of the persistent loops: a host
+// query, remembered per device (the carveout hint and the occupancy belong to its context).
 template <bool kInPlace>
-inline int blocks_per_sm() {
+inline int64_t resident_blocks() {
   static std::mutex mu;
-  static std::map<int, int> known;
+  static std::map<int, int64_t> known;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
@@ -810,17 +809,11 @@ inline int blocks_per_sm() {
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_gather, kThreads, 0);
   }
   cudaGetLastError();  // a failed query leaves n = 0: one block per SM, and no stale error
-  n = n > 0 ? n : 1;
-  const std::lock_guard<std::mutex> lock(mu);
-  known[dev] = n;
-  return n;
-}
-
-// Blocks that fit on the current device at once: the grid of the persistent loops.
-template <bool kInPlace>
-inline int64_t resident_blocks() {
   const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
-  return static_cast<int64_t>(sms > 0 ? sms : 1) * blocks_per_sm<kInPlace>();
+  const int64_t blocks = static_cast<int64_t>(sms > 0 ? sms : 1) * (n > 0 ? n : 1);
+  const std::lock_guard<std::mutex> lock(mu);
+  known[dev] = blocks;
+  return blocks;
 }
 
 }  // namespace compact_detail
