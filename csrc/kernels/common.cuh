@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 
 namespace pyramid_kv::kernels {
@@ -87,6 +89,37 @@ inline int current_device_attribute(cudaDeviceAttr attr) {
   }
   return v;
 }
+
+// Blocks of one kernel launch shape that fit on the current device at once (multiprocessors x
+// resident blocks per multiprocessor): the grid of a persistent loop, or the size of a wave.
+// Host queries, no sync; one static instance per kernel and shape remembers them per device.
+// `prepare` (kernel attributes that change occupancy) runs before the first query on a device.
+class ResidentBlocks {
+ public:
+  template <typename Prepare>
+  cudaError_t get(const void* kernel, int threads, size_t smem, Prepare&& prepare, int& blocks) {
+    int device = 0;
+    if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+    const bool cached = device >= 0 && device < kDevices;
+    if (cached && (blocks = per_device_[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+    int sms = 0, per_sm = 0;
+    if (cudaError_t e = prepare(); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) {
+      return e;
+    }
+    if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+        e != cudaSuccess) {
+      return e;
+    }
+    blocks = sms * per_sm > 0 ? sms * per_sm : 1;
+    if (cached) per_device_[device].store(blocks, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+
+ private:
+  static constexpr int kDevices = 64;
+  std::array<std::atomic<int>, kDevices> per_device_{};
+};
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 

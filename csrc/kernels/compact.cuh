@@ -42,8 +42,6 @@
 #pragma once
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <type_traits>
 
 #include "common.cuh"
@@ -780,40 +778,26 @@ __global__ void __launch_bounds__(kThreads, 4) compact_move(const CompactParams 
   }
 }
 
-// Blocks that fit on the current device at once, the grid of the persistent loops: a host
-// query, remembered per device (the carveout hint and the occupancy belong to its context).
+// Blocks that fit on the current device at once: the grid of the persistent loops.
 template <bool kInPlace>
-inline int64_t resident_blocks() {
-  static std::mutex mu;
-  static std::map<int, int64_t> known;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  {
-    const std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(dev);
-    if (it != known.end()) return it->second;
-  }
-  int n = 0;
-  if (kInPlace) {
+inline cudaError_t resident_blocks(int& blocks) {
+  if constexpr (kInPlace) {
+    static ResidentBlocks resident;
     // 4 blocks x 42 KB of shared memory per SM: ask for the largest carveout (a hint; the
     // kernel reads around L1 anyway), so that the driver does not pick a smaller one.
-    if (cudaFuncSetAttribute(compact_move, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
-      cudaGetLastError();  // only a hint: clear its error, so that no launch check reports it
-    }
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_move, kThreads, 0);
+    auto hint = [] {
+      if (cudaFuncSetAttribute(compact_move, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
+        cudaGetLastError();  // only a hint: clear its error, so that no launch check reports it
+      }
+      return cudaSuccess;
+    };
+    return resident.get(reinterpret_cast<const void*>(compact_move), kThreads, 0, hint, blocks);
   } else {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, compact_gather, kThreads, 0);
+    static ResidentBlocks resident;
+    return resident.get(reinterpret_cast<const void*>(compact_gather), kThreads, 0, [] { return cudaSuccess; },
+                        blocks);
   }
-  cudaGetLastError();  // a failed query leaves n = 0: one block per SM, and no stale error
-  const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t blocks = static_cast<int64_t>(sms > 0 ? sms : 1) * (n > 0 ? n : 1);
-  const std::lock_guard<std::mutex> lock(mu);
-  known[dev] = blocks;
-  return blocks;
 }
 
 }  // namespace compact_detail
@@ -822,7 +806,9 @@ inline int64_t resident_blocks() {
 inline cudaError_t launch_compact(const CompactParams& p, cudaStream_t stream) {
   using namespace compact_detail;
   if (p.total_tiles == 0) return cudaSuccess;
-  const int64_t grid = min(p.total_tiles, resident_blocks<false>());
+  int resident = 0;
+  if (cudaError_t err = resident_blocks<false>(resident); err != cudaSuccess) return err;
+  const int64_t grid = min(p.total_tiles, static_cast<int64_t>(resident));
   compact_gather<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -836,8 +822,11 @@ inline cudaError_t launch_compact_inplace(const CompactParams& p, int64_t* words
   compact_prepare<<<static_cast<unsigned>(w.prep_blocks), kThreads, 0, stream>>>(p, w);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  int resident = 0;
+  err = resident_blocks<true>(resident);
+  if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(min(p.total_tiles, resident_blocks<true>())));
+  cfg.gridDim = dim3(static_cast<unsigned>(min(p.total_tiles, static_cast<int64_t>(resident))));
   cfg.blockDim = dim3(kThreads);
   cfg.stream = stream;
   // Programmatic dependent launch (compute capability 9.0+): the move's blocks get resident

@@ -24,7 +24,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -497,27 +496,18 @@ template <typename T, int D>
 cudaError_t ensemble_lse_splits_d(const EnsembleParams& p, int* splits) {
   using C = TcConfig<D>;
   *splits = 1;
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   // Resident CTAs of the pass on this device (cached: a per-launch occupancy query costs time).
-  static std::atomic<int> slots_of[64];
-  int slots = device < 64 ? slots_of[device].load(std::memory_order_relaxed) : 0;
-  if (slots == 0) {
-    int sms = 0, per_sm = 0;
-    auto* kernel = ensemble_lse_tc<T, D>;
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             C::kSmemLse);
-        e != cudaSuccess)
-      return e;
-    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-        e != cudaSuccess)
-      return e;
-    if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                                      C::kThreads, C::kSmemLse);
-        e != cudaSuccess)
-      return e;
-    slots = std::max(1, sms * per_sm);
-    if (device < 64) slots_of[device].store(slots, std::memory_order_relaxed);
+  static ResidentBlocks resident;
+  auto* kernel = ensemble_lse_tc<T, D>;
+  int slots = 0;
+  if (cudaError_t e = resident.get(reinterpret_cast<const void*>(kernel), C::kThreads, C::kSmemLse,
+                                   [&] {
+                                     return cudaFuncSetAttribute(
+                                         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemLse);
+                                   },
+                                   slots);
+      e != cudaSuccess) {
+    return e;
   }
   const double ctas = static_cast<double>(ceil_div(p.Hq / p.Hkv * p.W, C::kRows)) * p.Hkv * p.B;
   const int max_splits = static_cast<int>(std::min<int64_t>(4, std::max<int64_t>(1, p.N / (8 * C::kTile))));
