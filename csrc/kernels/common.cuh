@@ -34,10 +34,9 @@ __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
 // Order-preserving map of a float score to an unsigned key (docs/ops.md): NaN ranks as -inf
 // and -0 equals +0, so unsigned comparison of keys is the score order.
 __device__ __forceinline__ uint32_t order_key(float s) {
-  if (s != s) s = -__int_as_float(0x7f800000);
-  if (s == 0.0f) s = 0.0f;
-  const uint32_t u = __float_as_uint(s);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const float y = fmaxf(s, -__int_as_float(0x7f800000)) + 0.0f;  // NaN -> -inf, -0 -> +0
+  const uint32_t u = __float_as_uint(y);
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
 
 // Inverse of order_key, as mass for top-p: max(score, 0).

@@ -1,7 +1,8 @@
 // Segmented top-p / top-k selection (docs/ops.md): a sort-free radix select on order keys, then
 // an order-preserving compaction of the kept positions. Costs and measurements: docs/perf/select.md.
 //
-// One segment per CTA, or per thread-block cluster of up to 8 CTAs for long segments (each CTA
+// Segments of up to 1024 positions take one warp each (select_warp.cuh); longer ones one CTA,
+// or a thread-block cluster of up to 8 CTAs for long segments (each CTA
 // owns a slice of positions; histograms merge through distributed shared memory). Each CTA turns
 // its slice into order keys once, in the same sweep that builds the first histogram, and keeps
 // them in shared memory (forced positions as key 0, which no score maps to); slices too long for
@@ -34,22 +35,9 @@
 #include <tuple>
 
 #include "common.cuh"
+#include "select_warp.cuh"
 
 namespace pyramid_kv::kernels {
-
-struct SelectParams {
-  const void* scores;  // [S, N], row stride `row_stride` elements
-  int64_t row_stride;
-  IndexArray lengths;
-  const float* top_p;  // [S] or null
-  IndexArray top_k;    // [S] or {null}
-  double top_p_default;
-  int64_t top_k_default;
-  bool by_mass;
-  int64_t S, N, sink, recent, min_keep, capacity;
-  int32_t* indices;  // [S, capacity]
-  int32_t* counts;   // [S]
-};
 
 // How a launch splits segments: `cluster` CTAs per segment, `slice` positions per CTA.
 struct SelectLaunch {
@@ -76,11 +64,7 @@ template <typename T> struct Keys;
 template <> struct Keys<float> {
   using Stored = uint32_t;
   static constexpr int kBits = 32, kMant = 23, kExp = 8;
-  __device__ static uint32_t key(float x) {
-    const float y = fmaxf(x, -__int_as_float(0x7f800000)) + 0.0f;  // NaN -> -inf, -0 -> +0
-    const uint32_t u = __float_as_uint(y);
-    return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
-  }
+  __device__ static uint32_t key(float x) { return order_key(x); }
 };
 template <> struct Keys<__half> {
   using Stored = uint16_t;
@@ -1076,7 +1060,7 @@ inline int round_up16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); 
 
 // Strategy by segment width N (every segment of a launch has length <= N), one CTA per segment
 // with the slice staged in shared memory unless noted:
-//   N <= 1024:   64 threads (many short segments: up to 12 CTAs per SM)
+//   N <= 1024:   one warp per segment, scores in registers (select_warp.cuh)
 //   N <= 4096:   128 threads (1280 segments of 4096 fit one wave: ~20 KB per CTA)
 //   N <= 8192:   256 threads
 //   N <= 32768:  the large CTA: 1024 threads for float32 (128 KB of keys, one per SM), 512 for
@@ -1084,7 +1068,7 @@ inline int round_up16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); 
 //   larger:      clusters of c <= 8 large CTAs, c from ceil(N / 32768) down to slices of up to
 //                192 KB of keys when fewer clusters then fit the device in fewer waves; beyond 8
 //                slices of 32768 the slices are re-read from global memory in every pass.
-constexpr int64_t kSelectTinyN = 1024, kSelectSmallN = 4096, kSelectMediumN = 8192;
+constexpr int64_t kSelectSmallN = 4096, kSelectMediumN = 8192;
 
 // CTAs that work on one segment of width N (the grid has S times as many).
 inline int select_ctas_per_segment(int64_t N, int64_t /*elem_size*/) {
@@ -1098,7 +1082,7 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   using namespace select_detail;
   if (p.S == 0) return cudaSuccess;
   const int64_t N = p.N;
-  if (N <= kSelectTinyN) return launch<T, 64, false, true>(p, {1, round_up16(N > 0 ? N : 1)}, stream);
+  if (N <= kSelectWarpMaxN) return launch_select_warp<T>(p, stream);
   if (N <= kSelectSmallN) return launch<T, 128, false, true>(p, {1, round_up16(N)}, stream);
   if (N <= kSelectMediumN) return launch<T, 256, false, true>(p, {1, round_up16(N)}, stream);
   constexpr int kBig = sizeof(T) == 4 ? 1024 : 512;
