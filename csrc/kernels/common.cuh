@@ -45,6 +45,18 @@ __device__ __forceinline__ float key_mass(uint32_t key) {
   return __uint_as_float(key & 0x7fffffffu);
 }
 
+// The 32-bit shared-state-space address of a shared-memory pointer (for inline PTX).
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// The lanes below this one, as a mask.
+__device__ __forceinline__ uint32_t lanemask_lt() {
+  uint32_t m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
 // A register type of exactly N bytes, for vector loads and stores.
 template <int N> struct Bytes;
 template <> struct Bytes<16> { using type = uint4; };
@@ -56,8 +68,7 @@ template <> struct Bytes<1> { using type = uint8_t; };
 // 16 bytes global -> shared without holding registers; .cg reads through L2 (coherent with
 // other blocks' stores). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(global) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N committed groups (the most recent ones) are still in flight.

@@ -56,10 +56,7 @@ struct TcConfig {
   static_assert(kStages >= 2, "ring depth");
 };
 
-// ---- PTX wrappers --------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+// ---- PTX wrappers (smem_addr: common.cuh) --------------------------------------------------
 // 16-byte async copy; with valid == false nothing is read and the destination is zero-filled.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),

@@ -77,10 +77,7 @@ template <> struct Keys<__nv_bfloat16> {
   __device__ static uint32_t key(__nv_bfloat16 x) { return key16(__bfloat16_as_ushort(x), 0x7f80u); }
 };
 
-// Distributed shared memory through 32-bit shared::cluster addresses.
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+// Distributed shared memory through 32-bit shared::cluster addresses (smem_addr: common.cuh).
 __device__ __forceinline__ uint32_t map_rank(uint32_t addr, uint32_t rank) {
   uint32_t out;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(addr), "r"(rank));
@@ -95,12 +92,6 @@ __device__ __forceinline__ uint32_t ld_cluster(uint32_t addr) {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
-__device__ __forceinline__ uint32_t lanemask_lt() {
-  uint32_t m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
-
 // Shared-memory atomics on 32-bit addresses, predicated instead of branched around.
 __device__ __forceinline__ uint32_t atom_add_if(bool pred, uint32_t addr, uint32_t v) {
   uint32_t old = 0;  // stays 0 when skipped: no carry follows

@@ -42,9 +42,8 @@ __device__ __forceinline__ double mass_scale(int e_top) {
 // Integer mass of a key: the score times a power of two is exact in double, and rounds up
 // (never to 0).
 __device__ __forceinline__ u64 mass_units(uint32_t key, double scale) {
-  // Negative scores, NaN, -inf, zeros and forced positions (keys <= kKeyZero) weigh nothing.
-  const float m = key > kKeyZero ? __uint_as_float(key & 0x7fffffffu) : 0.0f;
-  return __double2ull_ru(static_cast<double>(m) * scale);
+  // Negative scores, NaN, -inf, zeros and forced positions (key 0) weigh nothing.
+  return __double2ull_ru(static_cast<double>(key_mass(key)) * scale);
 }
 
 // Warp sum of values < 2^59 whose sum is < 2^64, by three 24-bit reductions (one instruction
@@ -55,8 +54,6 @@ __device__ __forceinline__ u64 warp_sum64(u64 v) {
   const u64 c = __reduce_add_sync(kFull, static_cast<unsigned>(v >> 48));
   return a + (b << 24) + (c << 48);
 }
-
-__device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
 // A predicated store (the compiler would branch around a conditional one).
 __device__ __forceinline__ void store_if(bool pred, int32_t* ptr, int32_t v) {
@@ -106,7 +103,7 @@ struct Cut {
 // A predicated shared store of one list entry (the compiler would branch around a conditional
 // one).
 __device__ __forceinline__ void list_if(bool pred, uint4* entry, uint4 v) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(entry));
+  const uint32_t a = smem_addr(entry);
   asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %0, 0;\n\t@q st.shared.v4.u32 [%1], {%2, %3, %4, %5};\n\t}" ::"r"(
                    static_cast<int>(pred)), "r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
@@ -327,7 +324,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const unsigned b = __ballot_sync(kFull, (eq >> e) & 1u);
-        rank += __popc(b & lanes_below(lane));
+        rank += __popc(b & lanemask_lt());
         eq_before += __popc(b);
       }
 #pragma unroll
