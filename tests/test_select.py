@@ -18,6 +18,8 @@ def random_scores(g, S, N, dtype, ties, kind="skewed"):
         x = torch.full((S, N), 0.375)
     elif kind == "narrow":  # distinct keys sharing their top bits: every pass of the search runs
         x = 1.0 + torch.rand(S, N, generator=g) * 2.0**-12
+    elif kind == "tiny":  # every score below 2^-97, many denormal: the small-exponent mass paths
+        x = x * 2.0**-110
     elif kind == "special":  # NaN, -inf, negatives, signed zeros, denormals, large values
         pool = torch.tensor([float("nan"), float("-inf"), -1.0, -0.0, 0.0, 6e-8, 1e-40, 6e4, 0.25, 2.0])
         pick = pool[torch.randint(0, len(pool), (S, N), generator=g)]
@@ -167,6 +169,7 @@ def test_cuda_strategies(N, dtype, by_mass):
         ("special", False, "scalar", 0, 3, 1, "full", "contiguous", False),
         ("equal", False, "tensor", 2, 5, 0, "tight", "contiguous", True),
         ("narrow", False, "scalar", 4, N // 10, 0, "full", "contiguous", True),
+        ("tiny", False, "scalar", 2, N // 10, 0, "full", "contiguous", False),
     ]
     for i, (kind, ties, bk, sink, recent, mk, cap, layout, full) in enumerate(cases):
         run_case("cuda", N * 31 + i, 5, N, dtype, ties, by_mass, bk, sink, recent, mk, cap,

@@ -10,11 +10,12 @@
 // them and picks t among them in one step.
 //
 // Top-p masses are integers: a mass m becomes ceil(m * 2^(kMassBits + 150 - e_top)), e_top the
-// exponent field of the largest candidate, so every unit mass is < 2^37 and a segment's sum
-// < 2^47, with the count of keys packed above bit 48 (one 64-bit add per key and round; three
-// 24-bit warp reductions). Sums are exact and order-free (the same input gives the same cut
-// every run); the rounding (< 2^-36 of the largest mass per key; a positive mass never rounds
-// to 0) keeps the cut the definition's one up to 2^-26 of the total.
+// exponent field of the largest candidate, so every unit mass is <= 2^30. A key weighs its unit
+// mass and a count of 1, held as two floats of integers (lo = (m mod 2^12) << 6 | 1, hi =
+// m >> 12): a lane's sums over its <= 32 keys stay <= 2^23, so a round is one compare and two
+// predicated float adds per key, exact and order-free (the same input gives the same cut every
+// run). The rounding (< 2^-29 of the largest mass per key; a positive mass never rounds to 0)
+// keeps the cut the definition's one up to 2^-19 of the total.
 #pragma once
 
 #include "common.cuh"
@@ -29,9 +30,9 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 4;                      // segments per block
 constexpr uint32_t kKeyZero = 0x80000000u;     // key of +0: no mass at or below it
 constexpr uint32_t kKeyInf = 0xff800000u;      // key of +inf
-constexpr int kMassBits = 13;                  // unit masses <= 2^(kMassBits + 24)
-constexpr int kCountShift = 48;                // packed weight: count << 48 | unit mass
-constexpr u64 kMassMask = (1ull << kCountShift) - 1;
+constexpr int kMassBits = 6;                   // unit masses <= 2^(kMassBits + 24)
+constexpr int kCountBits = 11;                 // packed weight: unit mass << 11 | count
+constexpr u64 kCountMask = (1u << kCountBits) - 1;
 
 // The unit of the integer masses: 2^(kMassBits + 150 - e_top), e_top = max(exponent field of
 // the largest candidate, 1).
@@ -41,18 +42,67 @@ __device__ __forceinline__ double mass_scale(int e_top) {
 
 // Integer mass of a key: the score times a power of two is exact in double, and rounds up
 // (never to 0).
-__device__ __forceinline__ u64 mass_units(uint32_t key, double scale) {
+__device__ __forceinline__ uint32_t mass_units(uint32_t key, double scale) {
   // Negative scores, NaN, -inf, zeros and forced positions (key 0) weigh nothing.
-  return __double2ull_ru(static_cast<double>(key_mass(key)) * scale);
+  return static_cast<uint32_t>(__double2ull_ru(static_cast<double>(key_mass(key)) * scale));
 }
 
-// Warp sum of values < 2^59 whose sum is < 2^64, by three 24-bit reductions (one instruction
-// each; five shuffle steps of two halves measured 2-3% slower at 1280 x 768).
-__device__ __forceinline__ u64 warp_sum64(u64 v) {
+// Integers 0 <= v <= 2^23 as floats and back: x + 2^23 is exact, its bits less 2^23's are x.
+__device__ __forceinline__ float int_float(uint32_t v) { return __uint_as_float(v | 0x4b000000u) - 8388608.0f; }
+__device__ __forceinline__ uint32_t float_int(float x) { return __float_as_uint(x + 8388608.0f) - 0x4b000000u; }
+
+// A key's weight as two floats (see the top): lo = (m mod 2^12) << 6 | 1, hi = m >> 12 (key 0
+// too: no search counts it).
+struct Weight {
+  float lo, hi;
+};
+__device__ __forceinline__ Weight make_weight(uint32_t m) {
+  return {int_float((m & 0xfffu) << 6 | 1u), int_float(m >> 12)};
+}
+
+// make_weight(mass_units(key)) for e_top >= 30 without the conversions (a quarter of the issue
+// rate): the score times 2^(kMassBits + 150 - e_top) is built from its bits (`bias` = (796 -
+// e_top) << 20 adds that to the exponent field) and rounded up to an integer by an add to 2^52.
+// A denormal score gets the wrong double, but one in (0, 1] like its true value, so the same
+// unit; a key without mass becomes -0 or a negative denormal, which the add rounds to 0.
+__device__ __forceinline__ Weight weight_fast(uint32_t key, uint32_t bias) {
+  const uint32_t hi = key > kKeyZero ? (key >> 3) + bias : 0x80000000u;
+  const double r = __dadd_ru(__hiloint2double(static_cast<int>(hi), static_cast<int>(key << 29)), 0x1p52);
+  return make_weight(static_cast<uint32_t>(__double2loint(r)));
+}
+
+// A key's weight: top-p (bias: weight_fast's, or 0 for mass_units with scale) or top-k.
+template <bool kMass>
+__device__ __forceinline__ Weight weigh(uint32_t key, uint32_t bias, double scale) {
+  if constexpr (!kMass) return {1.0f, 0.0f};
+  return bias ? weight_fast(key, bias) : make_weight(mass_units(key, scale));
+}
+
+// Sums of weights over <= 32 keys, packed as unit mass << 11 | count.
+__device__ __forceinline__ u64 packed(float lo, float hi) {
+  const uint32_t l = float_int(lo), h = float_int(hi);
+  return ((static_cast<u64>(h) << 12) + (l >> 6)) << kCountBits | (l & 63u);
+}
+
+// Warp sum of values < 2^47 whose sum is < 2^53, by two 24-bit reductions (one instruction
+// each; shuffle steps measured 2-3% slower at 1280 x 768).
+__device__ __forceinline__ u64 warp_sum47(u64 v) {
   const u64 a = __reduce_add_sync(kFull, static_cast<unsigned>(v) & 0xffffffu);
-  const u64 b = __reduce_add_sync(kFull, static_cast<unsigned>(v >> 24) & 0xffffffu);
-  const u64 c = __reduce_add_sync(kFull, static_cast<unsigned>(v >> 48));
-  return a + (b << 24) + (c << 48);
+  const u64 b = __reduce_add_sync(kFull, static_cast<unsigned>(v >> 24));
+  return a + (b << 24);
+}
+
+// Where key >= c: a += va (and b += vb). One compare and predicated float adds: ptxas keeps
+// these predicated, where it turns a predicated 64-bit add into an add and two selects.
+__device__ __forceinline__ void add_if_ge(uint32_t key, uint32_t c, float& a, float va) {
+  asm("{\n\t.reg .pred q;\n\tsetp.ge.u32 q, %1, %2;\n\t@q add.f32 %0, %0, %3;\n\t}"
+      : "+f"(a)
+      : "r"(key), "r"(c), "f"(va));
+}
+__device__ __forceinline__ void add_if_ge(uint32_t key, uint32_t c, float& a, float va, float& b, float vb) {
+  asm("{\n\t.reg .pred q;\n\tsetp.ge.u32 q, %2, %3;\n\t@q add.f32 %0, %0, %4;\n\t@q add.f32 %1, %1, %5;\n\t}"
+      : "+f"(a), "+f"(b)
+      : "r"(key), "r"(c), "f"(va), "f"(vb));
 }
 
 // A predicated store (the compiler would branch around a conditional one).
@@ -100,12 +150,17 @@ struct Cut {
   int64_t r;          // kept candidates: keys above t + need_eq
 };
 
-// A predicated shared store of one list entry (the compiler would branch around a conditional
+// A warp's list of up to 32 keys and their weights.
+struct alignas(16) List {
+  uint32_t key[32];
+  float lo[32], hi[32];
+};
+
+// A predicated shared store of a listed key (the compiler would branch around a conditional
 // one).
-__device__ __forceinline__ void list_if(bool pred, uint4* entry, uint4 v) {
-  const uint32_t a = smem_addr(entry);
-  asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %0, 0;\n\t@q st.shared.v4.u32 [%1], {%2, %3, %4, %5};\n\t}" ::"r"(
-                   static_cast<int>(pred)), "r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+__device__ __forceinline__ void list_if(bool pred, uint32_t* entry, uint32_t key) {
+  asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %0, 0;\n\t@q st.shared.u32 [%1], %2;\n\t}" ::"r"(
+                   static_cast<int>(pred)), "r"(smem_addr(entry)), "r"(key)
                : "memory");
 }
 
@@ -120,20 +175,23 @@ __device__ __forceinline__ int ceil_div_capped(u64 left, u64 unit, int cap) {
   return q;
 }
 
-// The largest key t with W(>= t) >= target (1 <= target <= W(>= 1)); weights: unit masses
-// (kMass; q packs count << 48 | mass) or 1. `n` candidates have keys in [kmin, kmax]; s_list:
-// the warp's list of 32 entries {key, -, weight} (n_open counts the candidate keys in [t, hi)
-// exactly, so at most 32 are listed).
+// The largest key t with W(>= t) >= target (1 <= target <= W(>= 1)), W packed as unit mass
+// << 11 | count, and target's count bits 0. Weights: top-p (kMass) the keys' w; top-k 1 (no
+// mass; `bias` and `scale` as weigh's). `n` candidates have keys in [kmin, kmax], `mine` of them
+// in this lane; `list` is the warp's (n_open counts the candidate keys in [t, hi) exactly, so at
+// most 32 are listed).
 template <bool kMass, int kPer>
-__device__ Cut find_cut(const uint32_t (&key)[kPer], const u64 (&q)[kPer], u64 target, uint32_t kmin,
-                        uint32_t kmax, int n, double scale, uint4* s_list, int lane) {
+__device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u64 target, uint32_t kmin,
+                        uint32_t kmax, int n, int mine, uint32_t bias, double scale, List& list, int lane) {
   uint32_t t = 0, hi = kmax + 1;  // W(>= t) >= target > W(>= hi); kmax < 2^32 - 1
   u64 w_hi = 0;                   // W(>= hi)
-  int n_hi = 0, n_open = n;       // keys >= hi; keys in [t, hi)
+  int n_open = n;                 // keys in [t, hi)
+  int mine_t = mine, mine_hi = 0;  // this lane's keys >= max(t, 1) and >= hi
   while (n_open > 32) {
     // The open keys lie in [lo, hi - 1], lo = max(t, kmin): the bits above their highest
     // differing bit d are common, so t takes them without a round (a candidate c above hi - 1
-    // weighs W(>= hi) < target, one at or below kmin weighs W(>= t)), and c splits at bit d.
+    // weighs W(>= hi) < target, one at or below kmin weighs W(>= t); no key lies in between, so
+    // the counts hold), and c splits at bit d.
     const uint32_t lo = max(t, kmin);
     if (lo == hi - 1) {  // one key value left: every bit decided
       t = lo;
@@ -142,80 +200,82 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const u64 (&q)[kPer], u64 t
     const int d = 31 - __clz(lo ^ (hi - 1));
     t = lo & ~((2u << d) - 1u);  // d == 31: 2u << 31 wraps to 0, so t = 0
     const uint32_t c = t | (1u << d);
-    // W(>= c) directly (one compare per key; keys >= hi count too), in four chains of adds.
-    u64 w[4] = {0, 0, 0, 0};
-    int ge = 0;
+    // W(>= c) directly (one compare per key; keys >= hi count too; key 0 never: c >= 1), in
+    // four chains of adds.
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const bool x = key[i] >= c;
-      if constexpr (kMass) w[i & 3] += x ? q[i] : 0;
-      else ge += x ? 1 : 0;
+      if constexpr (kMass) add_if_ge(key[i], c, a[i & 3], w[i].lo, b[i & 3], w[i].hi);
+      else add_if_ge(key[i], c, a[i & 3], 1.0f);
     }
-    u64 wc;
-    if constexpr (kMass) {
-      const u64 sum = warp_sum64((w[0] + w[1]) + (w[2] + w[3]));
-      ge = static_cast<int>(sum >> kCountShift);
-      wc = sum & kMassMask;
-    } else {
-      ge = static_cast<int>(__reduce_add_sync(kFull, ge));
-      wc = ge;
-    }
-    const int in = ge - n_hi;  // keys in [c, hi)
+    const float sa = (a[0] + a[1]) + (a[2] + a[3]);
+    const u64 lane_w = kMass ? packed(sa, (b[0] + b[1]) + (b[2] + b[3])) : float_int(sa);
+    const u64 wc = warp_sum47(lane_w);
+    const int in = static_cast<int>((wc - w_hi) & kCountMask);  // keys in [c, hi)
+    const int lane_ge = static_cast<int>(lane_w & kCountMask);
     if (wc >= target) {
       t = c;
       n_open = in;
+      mine_t = lane_ge;
     } else {
       hi = c;
       w_hi = wc;
-      n_hi = ge;
       n_open -= in;
+      mine_hi = lane_ge;
     }
   }
   Cut cut;
   u64 w_gt = w_hi;
-  int n_gt = n_hi;
   if (n_open <= 32) {
-    // List the keys of [t, hi) with their weights in consecutive slots (a lane's from a scan of
-    // the lanes' counts; predicated stores) and pick t among them. (t may still be 0 here: key
-    // 0, forced or past the length, is never listed.)
-    int mine = 0;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) mine += key[i] != 0u && key[i] - t < hi - t ? 1 : 0;
-    int slot = warp_exclusive(mine, lane);
+    // List the keys of [max(t, 1), hi) in consecutive slots (a lane's from a scan of the
+    // lanes' counts; predicated stores); lane j weighs entry j, and every lane sums the weights
+    // of the entries at or above its own to pick t.
+    const uint32_t lo = max(t, 1u);
+    int slot = warp_exclusive(mine_t - mine_hi, lane);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const bool listed = key[i] != 0u && key[i] - t < hi - t;
-      const u64 wi = kMass ? q[i] & kMassMask : 1u;
-      list_if(listed, s_list + slot, make_uint4(key[i], 0u, static_cast<unsigned>(wi), static_cast<unsigned>(wi >> 32)));
+      const bool listed = key[i] - lo < hi - lo;
+      list_if(listed, list.key + slot, key[i]);
       slot += listed ? 1 : 0;
     }
     __syncwarp();
     const bool has = lane < n_open;
-    const uint4 mine_e = has ? s_list[lane] : make_uint4(0u, 0u, 0u, 0u);
-    const uint32_t kj = has ? mine_e.x : 0u;
-    const u64 wj = has ? (static_cast<u64>(mine_e.w) << 32 | mine_e.z) : 0u;
-    u64 ge = w_hi;
-#pragma unroll 4
-    for (int i = 0; i < n_open; ++i) {
-      const uint4 e = s_list[i];
-      if (e.x >= kj) ge += static_cast<u64>(e.w) << 32 | e.z;
+    const uint32_t kj = has ? list.key[lane] : 0u;
+    const Weight wj = has ? weigh<kMass>(kj, bias, scale) : Weight{0.0f, 0.0f};
+    if (has) {
+      list.lo[lane] = wj.lo;
+      list.hi[lane] = wj.hi;
+    } else {
+      list.key[lane] = 0u;  // below every listed key: the vector reads past n_open add nothing
+    }
+    __syncwarp();
+    float a[2] = {0.0f, 0.0f}, b[2] = {0.0f, 0.0f};
+    for (int i = 0; i < n_open; i += 4) {
+      const uint4 k4 = *reinterpret_cast<const uint4*>(list.key + i);
+      const float4 l4 = *reinterpret_cast<const float4*>(list.lo + i);
+      const float4 h4 = *reinterpret_cast<const float4*>(list.hi + i);
+      add_if_ge(k4.x, kj, a[0], l4.x, b[0], h4.x);
+      add_if_ge(k4.y, kj, a[1], l4.y, b[1], h4.y);
+      add_if_ge(k4.z, kj, a[0], l4.z, b[0], h4.z);
+      add_if_ge(k4.w, kj, a[1], l4.w, b[1], h4.w);
     }
     __syncwarp();  // the list is read before it is written again
+    const u64 ge = w_hi + packed(a[0] + a[1], b[0] + b[1]);  // W(>= kj)
     cut.t = __reduce_max_sync(kFull, has && ge >= target ? kj : 0u);
     const bool gt = has && kj > cut.t;
-    w_gt += kMass ? warp_sum64(gt ? wj : 0u) : 0u;
-    n_gt += __popc(__ballot_sync(kFull, gt));
-    if constexpr (!kMass) w_gt = static_cast<u64>(n_gt);
+    w_gt += warp_sum47(gt ? packed(wj.lo, wj.hi) : 0u);
     cut.n_eq = __popc(__ballot_sync(kFull, has && kj == cut.t));
   } else {  // every bit decided: [t, hi) holds the single key t
     cut.t = t;
     cut.n_eq = n_open;
   }
   // target - W(> t) > 0 is met by the first need_eq keys equal to t, each of weight w(t).
-  const u64 left = target - w_gt;
+  const int n_gt = static_cast<int>(w_gt & kCountMask);
   if constexpr (kMass) {
-    cut.need_eq = ceil_div_capped(left, mass_units(cut.t, scale), cut.n_eq);
+    const u64 left = (target >> kCountBits) - (w_gt >> kCountBits);
+    cut.need_eq = cut.n_eq == 1 ? 1 : ceil_div_capped(left, mass_units(cut.t, scale), cut.n_eq);
   } else {
+    const u64 left = target - n_gt;
     cut.need_eq = static_cast<int>(left < static_cast<u64>(cut.n_eq) ? left : static_cast<u64>(cut.n_eq));
   }
   cut.r = n_gt + cut.need_eq;
@@ -225,7 +285,7 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const u64 (&q)[kPer], u64 t
 template <typename T, int kVecs>
 __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p) {
   constexpr int kPer = 4 * kVecs;
-  __shared__ uint4 s_list[kWarps][32];  // find_cut's lists
+  __shared__ List s_list[kWarps];  // find_cut's lists
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t seg = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (seg >= p.S) return;  // warp-uniform; no block barrier below
@@ -255,18 +315,33 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
   const int forced = ns + (len - rs), n_cand = rs - ns;
   uint32_t key[kPer];
   uint32_t kmax = 0, kmin = 0xffffffffu;
+  int mine = 0;  // candidates in this lane
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int pos = 128 * (i / 4) + 4 * lane + i % 4;
     key[i] = static_cast<unsigned>(pos - ns) < static_cast<unsigned>(n_cand) ? order_key(x[i]) : 0u;
+    mine += key[i] != 0u ? 1 : 0;
     kmax = max(kmax, key[i]);
     kmin = min(kmin, key[i] - 1u);  // key 0 wraps to the top
   }
   kmax = __reduce_max_sync(kFull, kmax);
   kmin = __reduce_min_sync(kFull, kmin) + 1u;
 
+  // The row is -1 first, its stores draining while the cut is searched; the kept positions
+  // overwrite the front after a __syncwarp (which orders the lanes' stores).
+  int32_t* out = p.indices + seg * p.capacity;
+  {
+    int64_t filled = 0;
+    if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+      const int64_t vecs = p.capacity / 4;
+      for (int64_t v = lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = make_int4(-1, -1, -1, -1);
+      filled = 4 * vecs;
+    }
+    for (int64_t i = filled + lane; i < p.capacity; i += 32) out[i] = -1;
+  }
+
   // Budget r (docs/ops.md): top-p by mass or top-k, then the floor and the cap.
-  u64 q[kPer];
+  Weight w[kPer];
   int64_t r = 0, r_mass = -1;
   Cut cut{0xffffffffu, 0, 0, 0};  // keeps none
   if (p.by_mass) {
@@ -275,17 +350,23 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
       if (kmax >= kKeyInf) {
         r = 1;  // an infinite mass: the first candidate reaches p * T
       } else {
-        const double scale = mass_scale(max(static_cast<int>((kmax & 0x7fffffffu) >> 23), 1));
-        u64 total = 0;
+        const int e_top = max(static_cast<int>((kmax & 0x7fffffffu) >> 23), 1);
+        const double scale = mass_scale(e_top);
+        const uint32_t bias = e_top >= 30 ? static_cast<uint32_t>(796 - e_top) << 20 : 0u;
+        if (bias) {  // warp-uniform
 #pragma unroll
-        for (int i = 0; i < kPer; ++i) {
-          q[i] = mass_units(key[i], scale) | (key[i] != 0u ? 1ull << kCountShift : 0u);
-          total += q[i];
+          for (int i = 0; i < kPer; ++i) w[i] = weight_fast(key[i], bias);
+        } else {  // largest candidate below 2^-97
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units(key[i], scale));
         }
-        total = warp_sum64(total) & kMassMask;
+        float a[2] = {0.0f, 0.0f}, b[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) a[i & 1] += w[i].lo, b[i & 1] += w[i].hi;
+        const u64 total = warp_sum47(packed(a[0] + a[1], b[0] + b[1])) >> kCountBits;
         const double x_target = ceil(top_p * static_cast<double>(total));  // >= 1
         const u64 target = x_target >= static_cast<double>(total) ? total : static_cast<u64>(x_target);
-        cut = find_cut<true>(key, q, target, kmin, kmax, n_cand, scale, s_list[warp], lane);
+        cut = find_cut<true>(key, w, target << kCountBits, kmin, kmax, n_cand, mine, bias, scale, s_list[warp], lane);
         r = r_mass = cut.r;
       }
     }
@@ -300,26 +381,33 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
     } else if (r == n_cand) {
       cut = {0u, 0, 0, r};  // every candidate key is above 0
     } else {
-      cut = find_cut<false>(key, q, static_cast<u64>(r), kmin, kmax, n_cand, 1.0, s_list[warp], lane);
+      cut = find_cut<false>(key, w, static_cast<u64>(r), kmin, kmax, n_cand, mine, 0u, 1.0, s_list[warp], lane);
     }
   }
 
   // Output: forced positions, keys above t, and the first need_eq keys equal to t (position
-  // order: ranks by ballots only when some tie at t is dropped), ascending, then -1.
+  // order), ascending, then -1. When every tie at t is kept (or none is), that is the keys above
+  // t_keep; dropped ties take ranks by ballots.
+  const bool some_ties = cut.need_eq > 0 && cut.need_eq < cut.n_eq;  // warp-uniform
+  const uint32_t t_keep = cut.need_eq > 0 && !some_ties ? cut.t - 1u : cut.t;  // t > 0 there
   unsigned keep[kVecs];
-  int eq_before = 0;
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {
-    unsigned eq = 0;
     keep[j] = 0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const uint32_t k = key[4 * j + e];
       const bool is_forced = k == 0u && 128 * j + 4 * lane + e < len;  // candidates have keys > 0
-      keep[j] |= (is_forced || (k > cut.t) ? 1u : 0u) << e;
-      eq |= (k == cut.t && k != 0u ? 1u : 0u) << e;
+      keep[j] |= (is_forced || k > t_keep ? 1u : 0u) << e;
     }
-    if (cut.need_eq < cut.n_eq) {  // warp-uniform
+  }
+  if (some_ties) {
+    int eq_before = 0;
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      unsigned eq = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) eq |= (key[4 * j + e] == cut.t ? 1u : 0u) << e;
       int rank = eq_before;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -331,13 +419,11 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
       for (int e = 0; e < 4; ++e) {
         if (((eq >> e) & 1u) && rank + __popc(eq & ((1u << e) - 1u)) < cut.need_eq) keep[j] |= 1u << e;
       }
-    } else if (cut.need_eq > 0) {
-      keep[j] |= eq;
     }
   }
   // Slots: the lane's counts of 4 vectors, a byte each (a vector keeps <= 128 positions), go
   // through one shuffle scan.
-  int32_t* out = p.indices + seg * p.capacity;
+  __syncwarp();
   int base = 0;
 #pragma unroll
   for (int g = 0; g < kVecs; g += 4) {
@@ -362,15 +448,6 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
       base += static_cast<int>((total >> (8 * jj)) & 0xffu);
     }
   }
-  // -1 padding of [base, capacity), in 16-byte stores where the row is aligned.
-  int64_t pad = base;
-  const int64_t v0 = (base + 3) / 4, v1 = p.capacity / 4;
-  if (reinterpret_cast<uintptr_t>(out) % 16 == 0 && v0 < v1) {
-    if (lane < 4 * v0 - base) out[base + lane] = -1;
-    for (int64_t v = v0 + lane; v < v1; v += 32) reinterpret_cast<int4*>(out)[v] = make_int4(-1, -1, -1, -1);
-    pad = 4 * v1;
-  }
-  for (int64_t i = pad + lane; i < p.capacity; i += 32) out[i] = -1;
   if (lane == 0) p.counts[seg] = base;
 }
 
