@@ -13,10 +13,13 @@
 // exponent field of the largest candidate, so every unit mass is <= 2^30. A key weighs its unit
 // mass and a count of 1, held as two floats of integers (lo = (m mod 2^12) << 6 | 1, hi =
 // m >> 12): a lane's sums over its <= 32 keys stay <= 2^23, so a round is one compare and two
-// predicated float adds per key, exact and order-free (the same input gives the same cut every
-// run). The rounding (< 2^-29 of the largest mass per key; a positive mass never rounds to 0)
-// keeps the cut the definition's one up to 2^-19 of the total.
+// predicated float adds per key, then three warp reductions (count, low and high mass), exact
+// and order-free (the same input gives the same cut every run). The rounding (< 2^-29 of the
+// largest mass per key; a positive mass never rounds to 0) keeps the cut the definition's one
+// up to 2^-19 of the total.
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 #include "select_params.cuh"
@@ -31,8 +34,7 @@ constexpr int kWarps = 4;                      // segments per block
 constexpr uint32_t kKeyZero = 0x80000000u;     // key of +0: no mass at or below it
 constexpr uint32_t kKeyInf = 0xff800000u;      // key of +inf
 constexpr int kMassBits = 6;                   // unit masses <= 2^(kMassBits + 24)
-constexpr int kCountBits = 11;                 // packed weight: unit mass << 11 | count
-constexpr u64 kCountMask = (1u << kCountBits) - 1;
+constexpr float kMagic = 8388608.0f;           // 2^23: x + 2^23 holds an integer x <= 2^23 exactly
 
 // The unit of the integer masses: 2^(kMassBits + 150 - e_top), e_top = max(exponent field of
 // the largest candidate, 1).
@@ -47,9 +49,8 @@ __device__ __forceinline__ uint32_t mass_units(uint32_t key, double scale) {
   return static_cast<uint32_t>(__double2ull_ru(static_cast<double>(key_mass(key)) * scale));
 }
 
-// Integers 0 <= v <= 2^23 as floats and back: x + 2^23 is exact, its bits less 2^23's are x.
-__device__ __forceinline__ float int_float(uint32_t v) { return __uint_as_float(v | 0x4b000000u) - 8388608.0f; }
-__device__ __forceinline__ uint32_t float_int(float x) { return __float_as_uint(x + 8388608.0f) - 0x4b000000u; }
+// An integer 0 <= v < 2^23 as a float: the bits of 2^23, or'ed with v, are the float 2^23 + v.
+__device__ __forceinline__ float int_float(uint32_t v) { return __uint_as_float(v | 0x4b000000u) - kMagic; }
 
 // A key's weight as two floats (see the top): lo = (m mod 2^12) << 6 | 1, hi = m >> 12 (key 0
 // too: no search counts it).
@@ -60,36 +61,45 @@ __device__ __forceinline__ Weight make_weight(uint32_t m) {
   return {int_float((m & 0xfffu) << 6 | 1u), int_float(m >> 12)};
 }
 
-// make_weight(mass_units(key)) for e_top >= 30 without the conversions (a quarter of the issue
-// rate): the score times 2^(kMassBits + 150 - e_top) is built from its bits (`bias` = (796 -
-// e_top) << 20 adds that to the exponent field) and rounded up to an integer by an add to 2^52.
-// A denormal score gets the wrong double, but one in (0, 1] like its true value, so the same
-// unit; a key without mass becomes -0 or a negative denormal, which the add rounds to 0.
-__device__ __forceinline__ Weight weight_fast(uint32_t key, uint32_t bias) {
+// mass_units(key) for e_top >= 30 without the conversions (a quarter of the issue rate): the
+// score times 2^(kMassBits + 150 - e_top) is built from its bits (`bias` = (796 - e_top) << 20
+// adds that to the exponent field) and rounded up to an integer by an add to 2^52. A denormal
+// score gets the wrong double, but one in (0, 1] like its true value, so the same unit; a key
+// without mass becomes -0 or a negative denormal, which the add rounds to 0.
+__device__ __forceinline__ uint32_t mass_units_fast(uint32_t key, uint32_t bias) {
   const uint32_t hi = key > kKeyZero ? (key >> 3) + bias : 0x80000000u;
   const double r = __dadd_ru(__hiloint2double(static_cast<int>(hi), static_cast<int>(key << 29)), 0x1p52);
-  return make_weight(static_cast<uint32_t>(__double2loint(r)));
+  return static_cast<uint32_t>(__double2loint(r));
 }
 
-// A key's weight: top-p (bias: weight_fast's, or 0 for mass_units with scale) or top-k.
+// A key's weight: top-p (bias: mass_units_fast's, or 0 for mass_units with scale) or top-k.
 template <bool kMass>
 __device__ __forceinline__ Weight weigh(uint32_t key, uint32_t bias, double scale) {
   if constexpr (!kMass) return {1.0f, 0.0f};
-  return bias ? weight_fast(key, bias) : make_weight(mass_units(key, scale));
+  return make_weight(bias ? mass_units_fast(key, bias) : mass_units(key, scale));
 }
 
-// Sums of weights over <= 32 keys, packed as unit mass << 11 | count.
-__device__ __forceinline__ u64 packed(float lo, float hi) {
-  const uint32_t l = float_int(lo), h = float_int(hi);
-  return ((static_cast<u64>(h) << 12) + (l >> 6)) << kCountBits | (l & 63u);
-}
+// A weight sum W: unit mass (top-k: the count) and keys.
+struct Sum {
+  u64 mass;
+  int count;
+};
 
-// Warp sum of values < 2^47 whose sum is < 2^53, by two 24-bit reductions (one instruction
-// each; shuffle steps measured 2-3% slower at 1280 x 768).
-__device__ __forceinline__ u64 warp_sum47(u64 v) {
-  const u64 a = __reduce_add_sync(kFull, static_cast<unsigned>(v) & 0xffffffu);
-  const u64 b = __reduce_add_sync(kFull, static_cast<unsigned>(v >> 24));
-  return a + (b << 24);
+// The warp's sum of the lanes' weight sums, each given as 2^23 + sum of the lo floats and 2^23 +
+// sum of the hi floats (top-k: 2^23 + count); `lane_count` gets this lane's count.
+template <bool kMass>
+__device__ __forceinline__ Sum warp_sum(float lo, float hi, int& lane_count) {
+  const uint32_t l = __float_as_uint(lo) - 0x4b000000u;  // lo - 2^23, exactly
+  if constexpr (!kMass) {
+    lane_count = static_cast<int>(l);
+    const int n = static_cast<int>(__reduce_add_sync(kFull, l));
+    return {static_cast<u64>(n), n};
+  }
+  const uint32_t h = __float_as_uint(hi) - 0x4b000000u;
+  lane_count = static_cast<int>(l & 63u);
+  const int n = static_cast<int>(__reduce_add_sync(kFull, l & 63u));
+  const u64 mass = (static_cast<u64>(__reduce_add_sync(kFull, h)) << 12) + __reduce_add_sync(kFull, l >> 6);
+  return {mass, n};
 }
 
 // Where key >= c: a += va (and b += vb). One compare and predicated float adds: ptxas keeps
@@ -123,24 +133,29 @@ __device__ __forceinline__ int warp_exclusive(int v, int lane) {
   return x - v;
 }
 
-// Four consecutive scores as floats; positions past n (the row length) are not read.
+// Four consecutive scores, raw (positions past n, the row length, are not read and hold 0), and
+// as floats. The raw loads of a row all go out before any conversion: a 16-bit conversion next
+// to its load would wait for it before the next load is issued.
 template <typename T>
-__device__ __forceinline__ void load4(const T* row, int i, int n, bool vec_ok, float (&x)[4]) {
-  if (vec_ok && i + 3 < n) {
-    if constexpr (sizeof(T) == 4) {
-      const float4 v = *reinterpret_cast<const float4*>(row + i);
-      x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-    } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(row + i);
-      T h[4];
-      memcpy(h, &v, sizeof(v));
+using Raw4 = std::conditional_t<sizeof(T) == 4, uint4, uint2>;
+
+template <typename T>
+__device__ __forceinline__ Raw4<T> load4(const T* row, int i, int n, bool vec_ok) {
+  if (vec_ok && i + 3 < n) return *reinterpret_cast<const Raw4<T>*>(row + i);
+  T h[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) x[e] = to_float(h[e]);
-    }
-  } else {
+  for (int e = 0; e < 4; ++e) h[e] = i + e < n ? row[i + e] : T(0.0f);
+  Raw4<T> v;
+  memcpy(&v, h, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ void to_floats(const Raw4<T>& v, float* x) {
+  T h[4];
+  memcpy(h, &v, sizeof(v));
 #pragma unroll
-    for (int e = 0; e < 4; ++e) x[e] = i + e < n ? to_float(row[i + e]) : 0.0f;
-  }
+  for (int e = 0; e < 4; ++e) x[e] = to_float(h[e]);
 }
 
 // The cut: keep the keys above t, and the first need_eq keys equal to t in position order.
@@ -175,16 +190,15 @@ __device__ __forceinline__ int ceil_div_capped(u64 left, u64 unit, int cap) {
   return q;
 }
 
-// The largest key t with W(>= t) >= target (1 <= target <= W(>= 1)), W packed as unit mass
-// << 11 | count, and target's count bits 0. Weights: top-p (kMass) the keys' w; top-k 1 (no
-// mass; `bias` and `scale` as weigh's). `n` candidates have keys in [kmin, kmax], `mine` of them
-// in this lane; `list` is the warp's (n_open counts the candidate keys in [t, hi) exactly, so at
-// most 32 are listed).
+// The largest key t with W(>= t) >= target (1 <= target <= W(>= 1)); weights: top-p (kMass)
+// the keys' w, top-k 1 (`bias` and `scale` as weigh's). `n` candidates have keys in [kmin,
+// kmax], `mine` of them in this lane; `list` is the warp's (n_open counts the candidate keys in
+// [t, hi) exactly, so at most 32 are listed).
 template <bool kMass, int kPer>
 __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u64 target, uint32_t kmin,
                         uint32_t kmax, int n, int mine, uint32_t bias, double scale, List& list, int lane) {
   uint32_t t = 0, hi = kmax + 1;  // W(>= t) >= target > W(>= hi); kmax < 2^32 - 1
-  u64 w_hi = 0;                   // W(>= hi)
+  Sum w_hi{0, 0};                 // W(>= hi)
   int n_open = n;                 // keys in [t, hi)
   int mine_t = mine, mine_hi = 0;  // this lane's keys >= max(t, 1) and >= hi
   while (n_open > 32) {
@@ -202,18 +216,16 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
     const uint32_t c = t | (1u << d);
     // W(>= c) directly (one compare per key; keys >= hi count too; key 0 never: c >= 1), in
     // four chains of adds.
-    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float a[4] = {kMagic, 0.0f, 0.0f, 0.0f}, b[4] = {kMagic, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       if constexpr (kMass) add_if_ge(key[i], c, a[i & 3], w[i].lo, b[i & 3], w[i].hi);
       else add_if_ge(key[i], c, a[i & 3], 1.0f);
     }
-    const float sa = (a[0] + a[1]) + (a[2] + a[3]);
-    const u64 lane_w = kMass ? packed(sa, (b[0] + b[1]) + (b[2] + b[3])) : float_int(sa);
-    const u64 wc = warp_sum47(lane_w);
-    const int in = static_cast<int>((wc - w_hi) & kCountMask);  // keys in [c, hi)
-    const int lane_ge = static_cast<int>(lane_w & kCountMask);
-    if (wc >= target) {
+    int lane_ge;
+    const Sum wc = warp_sum<kMass>((a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3]), lane_ge);
+    const int in = wc.count - w_hi.count;  // keys in [c, hi)
+    if (wc.mass >= target) {
       t = c;
       n_open = in;
       mine_t = lane_ge;
@@ -225,7 +237,7 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
     }
   }
   Cut cut;
-  u64 w_gt = w_hi;
+  Sum w_gt = w_hi;
   if (n_open <= 32) {
     // List the keys of [max(t, 1), hi) in consecutive slots (a lane's from a scan of the
     // lanes' counts; predicated stores); lane j weighs entry j, and every lane sums the weights
@@ -249,7 +261,7 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
       list.key[lane] = 0u;  // below every listed key: the vector reads past n_open add nothing
     }
     __syncwarp();
-    float a[2] = {0.0f, 0.0f}, b[2] = {0.0f, 0.0f};
+    float a[2] = {kMagic, 0.0f}, b[2] = {kMagic, 0.0f};
     for (int i = 0; i < n_open; i += 4) {
       const uint4 k4 = *reinterpret_cast<const uint4*>(list.key + i);
       const float4 l4 = *reinterpret_cast<const float4*>(list.lo + i);
@@ -260,25 +272,29 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
       add_if_ge(k4.w, kj, a[1], l4.w, b[1], h4.w);
     }
     __syncwarp();  // the list is read before it is written again
-    const u64 ge = w_hi + packed(a[0] + a[1], b[0] + b[1]);  // W(>= kj)
+    // W(>= kj): this lane's sums, without a reduction.
+    const uint32_t l = __float_as_uint(a[0] + a[1]) - 0x4b000000u;
+    const u64 ge = w_hi.mass + (kMass ? (static_cast<u64>(__float_as_uint(b[0] + b[1]) - 0x4b000000u) << 12) + (l >> 6) : l);
     cut.t = __reduce_max_sync(kFull, has && ge >= target ? kj : 0u);
     const bool gt = has && kj > cut.t;
-    w_gt += warp_sum47(gt ? packed(wj.lo, wj.hi) : 0u);
+    int unused;
+    const Sum s_gt = warp_sum<kMass>(gt ? wj.lo + kMagic : kMagic, gt ? wj.hi + kMagic : kMagic, unused);
+    w_gt.mass += s_gt.mass;
+    w_gt.count += s_gt.count;
     cut.n_eq = __popc(__ballot_sync(kFull, has && kj == cut.t));
   } else {  // every bit decided: [t, hi) holds the single key t
     cut.t = t;
     cut.n_eq = n_open;
   }
   // target - W(> t) > 0 is met by the first need_eq keys equal to t, each of weight w(t).
-  const int n_gt = static_cast<int>(w_gt & kCountMask);
+  const u64 left = target - w_gt.mass;
   if constexpr (kMass) {
-    const u64 left = (target >> kCountBits) - (w_gt >> kCountBits);
-    cut.need_eq = cut.n_eq == 1 ? 1 : ceil_div_capped(left, mass_units(cut.t, scale), cut.n_eq);
+    const uint32_t unit = bias ? mass_units_fast(cut.t, bias) : mass_units(cut.t, scale);
+    cut.need_eq = cut.n_eq == 1 ? 1 : ceil_div_capped(left, unit, cut.n_eq);
   } else {
-    const u64 left = target - n_gt;
     cut.need_eq = static_cast<int>(left < static_cast<u64>(cut.n_eq) ? left : static_cast<u64>(cut.n_eq));
   }
-  cut.r = n_gt + cut.need_eq;
+  cut.r = w_gt.count + cut.need_eq;
   return cut;
 }
 
@@ -299,14 +315,12 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
   const int N = static_cast<int>(p.N);
   const T* row = static_cast<const T*>(p.scores) + seg * p.row_stride;
   const bool vec_ok = reinterpret_cast<uintptr_t>(p.scores) % (4 * sizeof(T)) == 0 && p.row_stride % 4 == 0;
+  Raw4<T> raw[kVecs];
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) raw[j] = load4(row, 128 * j + 4 * lane, N, vec_ok);
   float x[kPer];
 #pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
-    float v[4];
-    load4(row, 128 * j + 4 * lane, N, vec_ok, v);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) x[4 * j + e] = v[e];
-  }
+  for (int j = 0; j < kVecs; ++j) to_floats<T>(raw[j], x + 4 * j);
 
   // Geometry: forced [0, ns) and [rs, len), candidates [ns, rs).
   const int len = static_cast<int>(clamp64(len_raw, 0, p.N));
@@ -355,18 +369,19 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
         const uint32_t bias = e_top >= 30 ? static_cast<uint32_t>(796 - e_top) << 20 : 0u;
         if (bias) {  // warp-uniform
 #pragma unroll
-          for (int i = 0; i < kPer; ++i) w[i] = weight_fast(key[i], bias);
+          for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units_fast(key[i], bias));
         } else {  // largest candidate below 2^-97
 #pragma unroll
           for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units(key[i], scale));
         }
-        float a[2] = {0.0f, 0.0f}, b[2] = {0.0f, 0.0f};
+        float a[2] = {kMagic, 0.0f}, b[2] = {kMagic, 0.0f};
 #pragma unroll
         for (int i = 0; i < kPer; ++i) a[i & 1] += w[i].lo, b[i & 1] += w[i].hi;
-        const u64 total = warp_sum47(packed(a[0] + a[1], b[0] + b[1])) >> kCountBits;
+        int unused;
+        const u64 total = warp_sum<true>(a[0] + a[1], b[0] + b[1], unused).mass;
         const double x_target = ceil(top_p * static_cast<double>(total));  // >= 1
         const u64 target = x_target >= static_cast<double>(total) ? total : static_cast<u64>(x_target);
-        cut = find_cut<true>(key, w, target << kCountBits, kmin, kmax, n_cand, mine, bias, scale, s_list[warp], lane);
+        cut = find_cut<true>(key, w, target, kmin, kmax, n_cand, mine, bias, scale, s_list[warp], lane);
         r = r_mass = cut.r;
       }
     }
