@@ -3,8 +3,6 @@
 
 #include <c10/cuda/CUDAException.h>
 
-#include <array>
-#include <atomic>
 #include <cmath>
 
 namespace pyramid_kv {
@@ -14,19 +12,6 @@ namespace {
 kernels::KVRows kv_rows(const Tensor& k, const Tensor& v, int head, int row) {
   return {k.const_data_ptr(), v.const_data_ptr(), k.stride(0), k.stride(head), k.stride(row),
           v.stride(0), v.stride(head), v.stride(row)};
-}
-
-// Multiprocessor count, queried once per device (the first call runs eagerly before any
-// CUDA-graph capture in the runner; the query is not a stream operation either way).
-int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  if (device >= 0 && device < 64) {
-    if (const int v = cache[device].load(std::memory_order_relaxed); v > 0) return v;
-  }
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
-  return v;
 }
 
 }  // namespace
@@ -63,7 +48,8 @@ Tensor merged_attention_cuda(const Tensor& q, const Tensor& dir_k, const Tensor&
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.out = out.mutable_data_ptr();
 
-  const int sms = sm_count(q.device().index());
+  int sms = 0;  // cached per device; the first call runs eagerly before any graph capture
+  C10_CUDA_CHECK(kernels::sm_count(q.device().index(), sms));
   const bool vec16 = rows_aligned16(dir_k) && rows_aligned16(dir_v) && rows_aligned16(retained_k) &&
                      rows_aligned16(retained_v) && rows_aligned16(tail_k) && rows_aligned16(tail_v);
   const kernels::MergedAttentionPlan plan =

@@ -100,6 +100,17 @@ inline int current_device_attribute(cudaDeviceAttr attr) {
   return v;
 }
 
+// The multiprocessor count of a device, queried once per device (a host query, not a stream
+// operation, so it may run during CUDA-graph capture).
+inline cudaError_t sm_count(int device, int& sms) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = device >= 0 && device < 64;
+  if (cached && (sms = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  if (cached) cache[device].store(sms, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 // Blocks of one kernel launch shape that fit on the current device at once (multiprocessors x
 // resident blocks per multiprocessor): the grid of a persistent loop, or the size of a wave.
 // Host queries, no sync; one static instance per kernel and shape remembers them per device.
@@ -114,9 +125,7 @@ class ResidentBlocks {
     if (cached && (blocks = per_device_[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
     int sms = 0, per_sm = 0;
     if (cudaError_t e = prepare(); e != cudaSuccess) return e;
-    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) {
-      return e;
-    }
+    if (cudaError_t e = sm_count(device, sms); e != cudaSuccess) return e;
     if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
         e != cudaSuccess) {
       return e;
