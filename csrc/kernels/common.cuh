@@ -57,6 +57,28 @@ __device__ __forceinline__ uint32_t lanemask_lt() {
   return m;
 }
 
+// Inclusive prefix sum over the lanes of a full warp (any integer type).
+template <typename V>
+__device__ __forceinline__ V warp_inclusive_sum(V x, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const V y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  return x;
+}
+
+// out[from, to) = -1, by thread g of G: 16-byte stores from the first 16-byte aligned element.
+__device__ __forceinline__ void fill_minus_one(int32_t* out, int64_t from, int64_t to, int g, int G) {
+  const int64_t skew = static_cast<int64_t>((reinterpret_cast<uintptr_t>(out + from) >> 2) & 3u);
+  const int64_t head = min(to, from + ((4 - skew) & 3));
+  for (int64_t i = from + g; i < head; i += G) out[i] = -1;
+  const int64_t nvec = (to - head) / 4;
+  int4* out4 = reinterpret_cast<int4*>(out + head);
+  for (int64_t v = g; v < nvec; v += G) out4[v] = make_int4(-1, -1, -1, -1);
+  for (int64_t i = head + nvec * 4 + g; i < to; i += G) out[i] = -1;
+}
+
 // A register type of exactly N bytes, for vector loads and stores.
 template <int N> struct Bytes;
 template <> struct Bytes<16> { using type = uint4; };
@@ -100,15 +122,30 @@ inline int current_device_attribute(cudaDeviceAttr attr) {
   return v;
 }
 
-// The multiprocessor count of a device, queried once per device (a host query, not a stream
-// operation, so it may run during CUDA-graph capture).
+// A positive int per device, found by `query(v)` on first use and remembered (devices 0-63).
+class PerDevice {
+ public:
+  template <typename Query>
+  cudaError_t get(int device, int& v, Query&& query) {
+    const bool cached = device >= 0 && device < kDevices;
+    if (cached && (v = value_[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+    if (cudaError_t e = query(v); e != cudaSuccess) return e;
+    if (cached && v > 0) value_[device].store(v, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+
+ private:
+  static constexpr int kDevices = 64;
+  std::array<std::atomic<int>, kDevices> value_{};
+};
+
+// The multiprocessor count of a device (a host query, not a stream operation, so it may run
+// during CUDA-graph capture).
 inline cudaError_t sm_count(int device, int& sms) {
-  static std::array<std::atomic<int>, 64> cache{};
-  const bool cached = device >= 0 && device < 64;
-  if (cached && (sms = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
-  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
-  if (cached) cache[device].store(sms, std::memory_order_relaxed);
-  return cudaSuccess;
+  static PerDevice cache;
+  return cache.get(device, sms, [device](int& v) {
+    return cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device);
+  });
 }
 
 // Blocks of one kernel launch shape that fit on the current device at once (multiprocessors x
@@ -121,23 +158,21 @@ class ResidentBlocks {
   cudaError_t get(const void* kernel, int threads, size_t smem, Prepare&& prepare, int& blocks) {
     int device = 0;
     if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-    const bool cached = device >= 0 && device < kDevices;
-    if (cached && (blocks = per_device_[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
-    int sms = 0, per_sm = 0;
-    if (cudaError_t e = prepare(); e != cudaSuccess) return e;
-    if (cudaError_t e = sm_count(device, sms); e != cudaSuccess) return e;
-    if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-        e != cudaSuccess) {
-      return e;
-    }
-    blocks = sms * per_sm > 0 ? sms * per_sm : 1;
-    if (cached) per_device_[device].store(blocks, std::memory_order_relaxed);
-    return cudaSuccess;
+    return cache_.get(device, blocks, [&](int& v) {
+      int sms = 0, per_sm = 0;
+      if (cudaError_t e = prepare(); e != cudaSuccess) return e;
+      if (cudaError_t e = sm_count(device, sms); e != cudaSuccess) return e;
+      if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+          e != cudaSuccess) {
+        return e;
+      }
+      v = sms * per_sm > 0 ? sms * per_sm : 1;
+      return cudaSuccess;
+    });
   }
 
  private:
-  static constexpr int kDevices = 64;
-  std::array<std::atomic<int>, kDevices> per_device_{};
+  PerDevice cache_;
 };
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

@@ -537,12 +537,7 @@ struct RadixSelect {
 
   // Exclusive scan over the scan threads in thread order (= descending bins) and the total.
   __device__ void block_scan(u64 x, u64& excl, u64& total) {
-    u64 inc = x;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const u64 y = __shfl_up_sync(0xffffffffu, inc, o);
-      if (lane >= o) inc += y;
-    }
+    const u64 inc = warp_inclusive_sum(x, lane);
     if (lane == 31 && warp < kScanWarps) sh.wsum[warp] = inc;
     __syncthreads();
     excl = inc - x;
@@ -801,12 +796,7 @@ struct RadixSelect {
     tie &= f.t != 0 ? in : 0u;
     // Exclusive scan of (sure, tie) counts, packed in 16 bits each (a slice has <= 32768 keys).
     const uint32_t own = __popc(sure) | (static_cast<uint32_t>(__popc(tie)) << 16);
-    uint32_t inc = own;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t y = __shfl_up_sync(0xffffffffu, inc, o);
-      if (lane >= o) inc += y;
-    }
+    const uint32_t inc = warp_inclusive_sum(own, lane);
     if (lane == 31) sh.wcnt[warp][0] = inc;
     __syncthreads();
     uint32_t excl = inc - own;
@@ -911,18 +901,10 @@ struct RadixSelect {
     pad(count);
   }
 
-  // -1 padding up to capacity, spread over the cluster, 16-byte stores where aligned.
+  // -1 padding up to capacity, spread over the cluster, and the count.
   __device__ void pad(int count) {
     int32_t* out = p.indices + static_cast<int64_t>(seg) * p.capacity;
-    const int64_t cap = p.capacity;
-    const int64_t row0 = static_cast<int64_t>(seg) * cap;
-    const int g = rank * kThreads + tid, G = ranks * kThreads;
-    const int64_t head = min(cap, ((row0 + count + 3) & ~int64_t{3}) - row0);
-    for (int64_t i = count + g; i < head; i += G) out[i] = -1;
-    const int64_t nvec = (cap - head) / 4;
-    int4* out4 = reinterpret_cast<int4*>(out + head);
-    for (int64_t v = g; v < nvec; v += G) out4[v] = make_int4(-1, -1, -1, -1);
-    for (int64_t i = head + nvec * 4 + g; i < cap; i += G) out[i] = -1;
+    fill_minus_one(out, count, p.capacity, rank * kThreads + tid, ranks * kThreads);
     if (rank == 0 && tid == 0) p.counts[seg] = count;
   }
 

@@ -72,11 +72,20 @@ __device__ __forceinline__ uint32_t mass_units_fast(uint32_t key, uint32_t bias)
   return static_cast<uint32_t>(__double2loint(r));
 }
 
-// A key's weight: top-p (bias: mass_units_fast's, or 0 for mass_units with scale) or top-k.
+// A segment's unit of mass: mass_units_fast's bias when e_top >= 30 (else 0), and the scale.
+struct MassUnit {
+  uint32_t bias;
+  double scale;
+  __device__ explicit MassUnit(int e_top)
+      : bias(e_top >= 30 ? static_cast<uint32_t>(796 - e_top) << 20 : 0u), scale(mass_scale(e_top)) {}
+  __device__ uint32_t of(uint32_t key) const { return bias ? mass_units_fast(key, bias) : mass_units(key, scale); }
+};
+
+// A key's weight: top-p (kMass) or top-k (1, no mass).
 template <bool kMass>
-__device__ __forceinline__ Weight weigh(uint32_t key, uint32_t bias, double scale) {
+__device__ __forceinline__ Weight weigh(uint32_t key, const MassUnit& unit) {
   if constexpr (!kMass) return {1.0f, 0.0f};
-  return make_weight(bias ? mass_units_fast(key, bias) : mass_units(key, scale));
+  return make_weight(unit.of(key));
 }
 
 // A weight sum W: unit mass (top-k: the count) and keys.
@@ -120,17 +129,6 @@ __device__ __forceinline__ void store_if(bool pred, int32_t* ptr, int32_t v) {
   asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %0, 0;\n\t@q st.global.b32 [%1], %2;\n\t}" ::"r"(
                    static_cast<int>(pred)), "l"(ptr), "r"(v)
                : "memory");
-}
-
-// Exclusive prefix sum over the lanes.
-__device__ __forceinline__ int warp_exclusive(int v, int lane) {
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o *= 2) {
-    const int y = __shfl_up_sync(kFull, x, o);
-    if (lane >= o) x += y;
-  }
-  return x - v;
 }
 
 // Four consecutive scores, raw (positions past n, the row length, are not read and hold 0), and
@@ -191,12 +189,12 @@ __device__ __forceinline__ int ceil_div_capped(u64 left, u64 unit, int cap) {
 }
 
 // The largest key t with W(>= t) >= target (1 <= target <= W(>= 1)); weights: top-p (kMass)
-// the keys' w, top-k 1 (`bias` and `scale` as weigh's). `n` candidates have keys in [kmin,
+// the keys' w in `unit`, top-k 1. `n` candidates have keys in [kmin,
 // kmax], `mine` of them in this lane; `list` is the warp's (n_open counts the candidate keys in
 // [t, hi) exactly, so at most 32 are listed).
 template <bool kMass, int kPer>
 __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u64 target, uint32_t kmin,
-                        uint32_t kmax, int n, int mine, uint32_t bias, double scale, List& list, int lane) {
+                        uint32_t kmax, int n, int mine, const MassUnit& unit, List& list, int lane) {
   uint32_t t = 0, hi = kmax + 1;  // W(>= t) >= target > W(>= hi); kmax < 2^32 - 1
   Sum w_hi{0, 0};                 // W(>= hi)
   int n_open = n;                 // keys in [t, hi)
@@ -243,7 +241,7 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
     // lanes' counts; predicated stores); lane j weighs entry j, and every lane sums the weights
     // of the entries at or above its own to pick t.
     const uint32_t lo = max(t, 1u);
-    int slot = warp_exclusive(mine_t - mine_hi, lane);
+    int slot = warp_inclusive_sum(mine_t - mine_hi, lane) - (mine_t - mine_hi);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const bool listed = key[i] - lo < hi - lo;
@@ -253,7 +251,7 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
     __syncwarp();
     const bool has = lane < n_open;
     const uint32_t kj = has ? list.key[lane] : 0u;
-    const Weight wj = has ? weigh<kMass>(kj, bias, scale) : Weight{0.0f, 0.0f};
+    const Weight wj = has ? weigh<kMass>(kj, unit) : Weight{0.0f, 0.0f};
     if (has) {
       list.lo[lane] = wj.lo;
       list.hi[lane] = wj.hi;
@@ -289,8 +287,7 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
   // target - W(> t) > 0 is met by the first need_eq keys equal to t, each of weight w(t).
   const u64 left = target - w_gt.mass;
   if constexpr (kMass) {
-    const uint32_t unit = bias ? mass_units_fast(cut.t, bias) : mass_units(cut.t, scale);
-    cut.need_eq = cut.n_eq == 1 ? 1 : ceil_div_capped(left, unit, cut.n_eq);
+    cut.need_eq = cut.n_eq == 1 ? 1 : ceil_div_capped(left, unit.of(cut.t), cut.n_eq);
   } else {
     cut.need_eq = static_cast<int>(left < static_cast<u64>(cut.n_eq) ? left : static_cast<u64>(cut.n_eq));
   }
@@ -344,18 +341,11 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
   // The row is -1 first, its stores draining while the cut is searched; the kept positions
   // overwrite the front after a __syncwarp (which orders the lanes' stores).
   int32_t* out = p.indices + seg * p.capacity;
-  {
-    int64_t filled = 0;
-    if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
-      const int64_t vecs = p.capacity / 4;
-      for (int64_t v = lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = make_int4(-1, -1, -1, -1);
-      filled = 4 * vecs;
-    }
-    for (int64_t i = filled + lane; i < p.capacity; i += 32) out[i] = -1;
-  }
+  fill_minus_one(out, 0, p.capacity, lane, 32);
 
   // Budget r (docs/ops.md): top-p by mass or top-k, then the floor and the cap.
   Weight w[kPer];
+  MassUnit unit(1);  // top-k searches weigh no mass
   int64_t r = 0, r_mass = -1;
   Cut cut{0xffffffffu, 0, 0, 0};  // keeps none
   if (p.by_mass) {
@@ -365,14 +355,13 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
         r = 1;  // an infinite mass: the first candidate reaches p * T
       } else {
         const int e_top = max(static_cast<int>((kmax & 0x7fffffffu) >> 23), 1);
-        const double scale = mass_scale(e_top);
-        const uint32_t bias = e_top >= 30 ? static_cast<uint32_t>(796 - e_top) << 20 : 0u;
-        if (bias) {  // warp-uniform
+        unit = MassUnit(e_top);
+        if (unit.bias) {  // warp-uniform: one path per loop
 #pragma unroll
-          for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units_fast(key[i], bias));
+          for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units_fast(key[i], unit.bias));
         } else {  // largest candidate below 2^-97
 #pragma unroll
-          for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units(key[i], scale));
+          for (int i = 0; i < kPer; ++i) w[i] = make_weight(mass_units(key[i], unit.scale));
         }
         float a[2] = {kMagic, 0.0f}, b[2] = {kMagic, 0.0f};
 #pragma unroll
@@ -381,7 +370,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
         const u64 total = warp_sum<true>(a[0] + a[1], b[0] + b[1], unused).mass;
         const double x_target = ceil(top_p * static_cast<double>(total));  // >= 1
         const u64 target = x_target >= static_cast<double>(total) ? total : static_cast<u64>(x_target);
-        cut = find_cut<true>(key, w, target, kmin, kmax, n_cand, mine, bias, scale, s_list[warp], lane);
+        cut = find_cut<true>(key, w, target, kmin, kmax, n_cand, mine, unit, s_list[warp], lane);
         r = r_mass = cut.r;
       }
     }
@@ -396,7 +385,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
     } else if (r == n_cand) {
       cut = {0u, 0, 0, r};  // every candidate key is above 0
     } else {
-      cut = find_cut<false>(key, w, static_cast<u64>(r), kmin, kmax, n_cand, mine, 0u, 1.0, s_list[warp], lane);
+      cut = find_cut<false>(key, w, static_cast<u64>(r), kmin, kmax, n_cand, mine, unit, s_list[warp], lane);
     }
   }
 
@@ -445,12 +434,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
     unsigned mine = 0;
 #pragma unroll
     for (int jj = 0; jj < 4 && g + jj < kVecs; ++jj) mine |= static_cast<unsigned>(__popc(keep[g + jj])) << (8 * jj);
-    unsigned incl = mine;
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-      const unsigned y = __shfl_up_sync(kFull, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const unsigned incl = warp_inclusive_sum(mine, lane);
     const unsigned excl = incl - mine, total = __shfl_sync(kFull, incl, 31);
 #pragma unroll
     for (int jj = 0; jj < 4 && g + jj < kVecs; ++jj) {
