@@ -223,19 +223,16 @@ struct RadixSelect {
     // Issued here, consumed after the first scores are in flight (geometry()): the loads of the
     // scores do not wait for the length.
     len_raw = p.lengths[seg];
-    if (p.by_mass) top_p_raw = p.top_p ? static_cast<double>(p.top_p[seg]) : p.top_p_default;
-    else top_k_raw = p.top_k.ptr ? p.top_k[seg] : p.top_k_default;
+    load_budget(p, seg, top_p_raw, top_k_raw);
   }
 
   __device__ void geometry() {
-    const int64_t l = clamp64(len_raw, 0, p.N);
-    const int64_t ns = p.sink < l ? p.sink : l;
-    const int64_t rs = l - p.recent > ns ? l - p.recent : ns;
-    len = static_cast<int>(l);
-    n_sink = static_cast<int>(ns);
-    rstart = static_cast<int>(rs);
-    forced = n_sink + (len - rstart);
-    n_cand = rstart - n_sink;
+    const SegmentGeometry g = segment_geometry(p, len_raw);
+    len = g.len;
+    n_sink = g.n_sink;
+    rstart = g.rstart;
+    forced = g.forced;
+    n_cand = g.n_cand;
     hi = min(max(len - lo, 0), slice) + lo;
     c_lo = max(lo, n_sink);
     c_hi = min(hi, rstart);
@@ -927,11 +924,9 @@ struct RadixSelect {
         else r = kind == 2 ? 1 : 0;  // infinite mass: the first candidate reaches p * T
       }
     } else {
-      const int64_t k = top_k_raw;
-      r = k < 0 ? 0 : (k < n_cand ? k : n_cand);
+      r = top_k_candidates(top_k_raw, n_cand);
     }
-    r = r > p.min_keep - forced ? r : p.min_keep - forced;
-    r = clamp64(r, 0, n_cand < p.capacity - forced ? n_cand : p.capacity - forced);
+    r = floor_and_cap(p, r, forced, n_cand);
     if (r != r_mass) {
       if (r == 0) {
         f = {0xffffffffu, 0, 0, 0, 0};  // no key is above it, none equals it

@@ -307,8 +307,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
   const int64_t len_raw = p.lengths[seg];
   double top_p = 0.0;
   int64_t top_k = 0;
-  if (p.by_mass) top_p = p.top_p ? static_cast<double>(p.top_p[seg]) : p.top_p_default;
-  else top_k = p.top_k.ptr ? p.top_k[seg] : p.top_k_default;
+  load_budget(p, seg, top_p, top_k);
   const int N = static_cast<int>(p.N);
   const T* row = static_cast<const T*>(p.scores) + seg * p.row_stride;
   const bool vec_ok = reinterpret_cast<uintptr_t>(p.scores) % (4 * sizeof(T)) == 0 && p.row_stride % 4 == 0;
@@ -319,11 +318,8 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) to_floats<T>(raw[j], x + 4 * j);
 
-  // Geometry: forced [0, ns) and [rs, len), candidates [ns, rs).
-  const int len = static_cast<int>(clamp64(len_raw, 0, p.N));
-  const int ns = static_cast<int>(p.sink < len ? p.sink : len);
-  const int rs = static_cast<int>(len - p.recent > ns ? len - p.recent : ns);
-  const int forced = ns + (len - rs), n_cand = rs - ns;
+  const SegmentGeometry geo = segment_geometry(p, len_raw);
+  const int len = geo.len, ns = geo.n_sink, n_cand = geo.n_cand;
   uint32_t key[kPer];
   uint32_t kmax = 0, kmin = 0xffffffffu;
   int mine = 0;  // candidates in this lane
@@ -375,10 +371,9 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
       }
     }
   } else {
-    r = top_k < 0 ? 0 : (top_k < n_cand ? top_k : n_cand);
+    r = top_k_candidates(top_k, n_cand);
   }
-  r = r > p.min_keep - forced ? r : p.min_keep - forced;
-  r = clamp64(r, 0, n_cand < p.capacity - forced ? n_cand : p.capacity - forced);
+  r = floor_and_cap(p, r, geo.forced, n_cand);
   if (r != r_mass) {
     if (r == 0) {
       cut = {0xffffffffu, 0, 0, 0};
