@@ -51,6 +51,8 @@ __device__ __forceinline__ uint32_t mass_units(uint32_t key, double scale) {
 
 // An integer 0 <= v < 2^23 as a float: the bits of 2^23, or'ed with v, are the float 2^23 + v.
 __device__ __forceinline__ float int_float(uint32_t v) { return __uint_as_float(v | 0x4b000000u) - kMagic; }
+// The inverse for a sum held as 2^23 + v (0 <= v < 2^23): its bits less those of 2^23, exactly.
+__device__ __forceinline__ uint32_t float_int(float x) { return __float_as_uint(x) - 0x4b000000u; }
 
 // A key's weight as two floats (see the top): lo = (m mod 2^12) << 6 | 1, hi = m >> 12 (key 0
 // too: no search counts it).
@@ -98,13 +100,13 @@ struct Sum {
 // sum of the hi floats (top-k: 2^23 + count); `lane_count` gets this lane's count.
 template <bool kMass>
 __device__ __forceinline__ Sum warp_sum(float lo, float hi, int& lane_count) {
-  const uint32_t l = __float_as_uint(lo) - 0x4b000000u;  // lo - 2^23, exactly
+  const uint32_t l = float_int(lo);
   if constexpr (!kMass) {
     lane_count = static_cast<int>(l);
     const int n = static_cast<int>(__reduce_add_sync(kFull, l));
     return {static_cast<u64>(n), n};
   }
-  const uint32_t h = __float_as_uint(hi) - 0x4b000000u;
+  const uint32_t h = float_int(hi);
   lane_count = static_cast<int>(l & 63u);
   const int n = static_cast<int>(__reduce_add_sync(kFull, l & 63u));
   const u64 mass = (static_cast<u64>(__reduce_add_sync(kFull, h)) << 12) + __reduce_add_sync(kFull, l >> 6);
@@ -271,8 +273,8 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
     }
     __syncwarp();  // the list is read before it is written again
     // W(>= kj): this lane's sums, without a reduction.
-    const uint32_t l = __float_as_uint(a[0] + a[1]) - 0x4b000000u;
-    const u64 ge = w_hi.mass + (kMass ? (static_cast<u64>(__float_as_uint(b[0] + b[1]) - 0x4b000000u) << 12) + (l >> 6) : l);
+    const uint32_t l = float_int(a[0] + a[1]);
+    const u64 ge = w_hi.mass + (kMass ? (static_cast<u64>(float_int(b[0] + b[1])) << 12) + (l >> 6) : l);
     cut.t = __reduce_max_sync(kFull, has && ge >= target ? kj : 0u);
     const bool gt = has && kj > cut.t;
     int unused;
@@ -426,11 +428,11 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
   int base = 0;
 #pragma unroll
   for (int g = 0; g < kVecs; g += 4) {
-    unsigned mine = 0;
+    unsigned kept = 0;
 #pragma unroll
-    for (int jj = 0; jj < 4 && g + jj < kVecs; ++jj) mine |= static_cast<unsigned>(__popc(keep[g + jj])) << (8 * jj);
-    const unsigned incl = warp_inclusive_sum(mine, lane);
-    const unsigned excl = incl - mine, total = __shfl_sync(kFull, incl, 31);
+    for (int jj = 0; jj < 4 && g + jj < kVecs; ++jj) kept |= static_cast<unsigned>(__popc(keep[g + jj])) << (8 * jj);
+    const unsigned incl = warp_inclusive_sum(kept, lane);
+    const unsigned excl = incl - kept, total = __shfl_sync(kFull, incl, 31);
 #pragma unroll
     for (int jj = 0; jj < 4 && g + jj < kVecs; ++jj) {
       const int j = g + jj;
