@@ -8,6 +8,11 @@ the N tokens (counts = C for every sequence). GB/s count the bytes read plus the
 2 * (kept bytes of K and V). `copy` is one `dst.copy_(src)` of that many bytes; `pct_copy` is a
 method's bandwidth as a percentage of it; `x_gather` is torch.gather's time over the method's.
 The in-place time includes its pre-pass (identity prefixes, workspace set-up: one more launch).
+The in-place rate depends on where K and V lie in memory by up to ~2 points of copy (measured:
+docs/perf/compact.md, round 12; the copy and the out-of-place kernel do not move), so in-place
+is also timed on PLACEMENTS - 1 more copies of K and V (the earlier ones kept alive, so that each
+lies elsewhere): `inplace_pct_min` / `inplace_pct_max` span all placements; `inplace_us` is the
+first, like every other column.
 
 A second table times the runner's decode eviction pattern in place: per sequence, the identity
 up to a start offset (90% of N), a 16-row chunk keeping 4 rows, then a 16-row tail shifted
@@ -61,6 +66,7 @@ class DecodeConfig:
 
 SHAPES = [(32, 40, 768, 128), (8, 8, 16384, 128), (1, 8, 131072, 128)]
 KEEPS = (0.25, 0.5, 0.9)
+PLACEMENTS = 3
 
 
 def configs():
@@ -71,7 +77,8 @@ def configs():
 
 def time_variants(k, v, idx, counts, copy_bytes: int, timer=time_cuda):
     """torch.gather, the kernel out of place, in place (on clones of k and v) and a copy of
-    `copy_bytes`: (whether all three compactions agree bit for bit, {name: microseconds})."""
+    `copy_bytes`: (whether all three compactions agree bit for bit, {name: microseconds}); the
+    in-place time of every placement in "inplace_placements" (the first is "inplace")."""
     B, H, _, D = k.shape
     C = idx.shape[1]
     ix = idx[:, None, :, None].expand(B, H, C, D)
@@ -92,8 +99,15 @@ def time_variants(k, v, idx, counts, copy_bytes: int, timer=time_cuda):
     match = (torch.equal(ko, gk) and torch.equal(vo, gv)
              and torch.equal(k2[:, :, :C], gk) and torch.equal(v2[:, :, :C], gv))
     del gk, gv
-    return match, {name: timer(fn) for name, fn in
-                   [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
+    t = {name: timer(fn) for name, fn in
+         [("gather", gather), ("kernel", kernel), ("inplace", inplace), ("copy", copy)]}
+    placements, alive = [t["inplace"]], []
+    for _ in range(PLACEMENTS - 1):
+        alive += [k.clone(), v.clone()]
+        kp, vp = alive[-2:]
+        placements.append(timer(lambda: pk.compact_([kp, vp], idx, counts, validate=False)))
+    t["inplace_placements"] = placements
+    return match, t
 
 
 def random_kv(c, g: torch.Generator):
@@ -116,11 +130,15 @@ def bench(c: Config):
     match, t = time_variants(k, v, idx, counts, kept_bytes)
     moved = 2 * kept_bytes  # read + write
     row = {**asdict(c), "C": C, "mbytes": moved / 1e6, "match": match}
+    placements = t.pop("inplace_placements")
     for name, us in t.items():
         row[f"{name}_us"] = us
         row[f"{name}_gbs"] = moved / us / 1e3
     for name in ("gather", "kernel", "inplace"):
         row[f"{name}_pct_copy"] = 100 * t["copy"] / t[name]
+    row["inplace_placements_us"] = placements
+    row["inplace_pct_min"] = 100 * t["copy"] / max(placements)
+    row["inplace_pct_max"] = 100 * t["copy"] / min(placements)
     row["kernel_x_gather"] = t["gather"] / t["kernel"]
     row["inplace_x_gather"] = t["gather"] / t["inplace"]
     row["floor_us"] = t["copy"]
@@ -143,6 +161,7 @@ def bench_decode(c: DecodeConfig):
     match, t = time_variants(k, v, idx, counts, moved // 2)
     row = {**asdict(c), "C": C, "moving_rows_per_seq": moving_rows / c.B, "mbytes": moved / 1e6,
            "match": match}
+    row["inplace_placements_us"] = t.pop("inplace_placements")
     for name, us in t.items():
         row[f"{name}_us"] = us
     row["inplace_gbs"] = moved / t["inplace"] / 1e3
@@ -165,7 +184,8 @@ def main():
               f"{'' if r['match'] else '  MISMATCH'}", flush=True)
     cols = ["B", "H", "N", "keep", "mbytes", "gather_us", "kernel_us", "inplace_us", "copy_us",
             "gather_gbs", "kernel_gbs", "inplace_gbs", "copy_gbs", "gather_pct_copy",
-            "kernel_pct_copy", "inplace_pct_copy", "kernel_x_gather", "inplace_x_gather", "match"]
+            "kernel_pct_copy", "inplace_pct_copy", "inplace_pct_min", "inplace_pct_max",
+            "kernel_x_gather", "inplace_x_gather", "match"]
     print_table(rows, cols, title="compact, bf16 K and V, D=128 (us; GB/s = read + write; "
                                   "pct_copy = % of the same-bytes copy bandwidth)")
     decode = [bench_decode(DecodeConfig())]
