@@ -8,11 +8,11 @@ the N tokens (counts = C for every sequence). GB/s count the bytes read plus the
 2 * (kept bytes of K and V). `copy` is one `dst.copy_(src)` of that many bytes; `pct_copy` is a
 method's bandwidth as a percentage of it; `x_gather` is torch.gather's time over the method's.
 The in-place time includes its pre-pass (identity prefixes, workspace set-up: one more launch).
-The in-place rate depends on where K and V lie in memory by up to ~2 points of copy (measured:
-docs/perf/compact.md, round 12; the copy and the out-of-place kernel do not move), so in-place
-is also timed on PLACEMENTS - 1 more copies of K and V (the earlier ones kept alive, so that each
-lies elsewhere): `inplace_pct_min` / `inplace_pct_max` span all placements; `inplace_us` is the
-first, like every other column.
+The in-place rate depends on where K and V lie in memory, by up to 4 points of copy (measured in
+docs/perf/compact.md, round 12, where the copy moved by under 1% and the out-of-place kernel by
+up to 1.4 points), so in place is also timed on PLACEMENTS - 1 more copies of K and V (the
+earlier ones kept alive, so that each lies elsewhere): `inplace_pct_min` / `inplace_pct_max`
+span all placements; `inplace_us` is the first, like every other column.
 
 A second table times the runner's decode eviction pattern in place: per sequence, the identity
 up to a start offset (90% of N), a 16-row chunk keeping 4 rows, then a 16-row tail shifted
