@@ -96,21 +96,27 @@ struct Sum {
   int count;
 };
 
-// The warp's sum of the lanes' weight sums, each given as 2^23 + sum of the lo floats and 2^23 +
-// sum of the hi floats (top-k: 2^23 + count); `lane_count` gets this lane's count.
+// A lane's weight sum, given as 2^23 + the sum of its lo floats and 2^23 + the sum of its hi
+// floats (top-k: 2^23 + its count).
 template <bool kMass>
-__device__ __forceinline__ Sum warp_sum(float lo, float hi, int& lane_count) {
+__device__ __forceinline__ Sum lane_sum(float lo, float hi) {
+  const uint32_t l = float_int(lo);
+  if constexpr (!kMass) return {l, static_cast<int>(l)};
+  return {(static_cast<u64>(float_int(hi)) << 12) + (l >> 6), static_cast<int>(l & 63u)};
+}
+
+// The warp's sum of the lanes' weight sums (given as lane_sum's): each part reduced on its own
+// in 32 bits (count, low and high mass), then put together as lane_sum does.
+template <bool kMass>
+__device__ __forceinline__ Sum warp_sum(float lo, float hi) {
   const uint32_t l = float_int(lo);
   if constexpr (!kMass) {
-    lane_count = static_cast<int>(l);
-    const int n = static_cast<int>(__reduce_add_sync(kFull, l));
-    return {static_cast<u64>(n), n};
+    const uint32_t n = __reduce_add_sync(kFull, l);
+    return {n, static_cast<int>(n)};
   }
-  const uint32_t h = float_int(hi);
-  lane_count = static_cast<int>(l & 63u);
-  const int n = static_cast<int>(__reduce_add_sync(kFull, l & 63u));
-  const u64 mass = (static_cast<u64>(__reduce_add_sync(kFull, h)) << 12) + __reduce_add_sync(kFull, l >> 6);
-  return {mass, n};
+  const uint32_t h = __reduce_add_sync(kFull, float_int(hi));
+  return {(static_cast<u64>(h) << 12) + __reduce_add_sync(kFull, l >> 6),
+          static_cast<int>(__reduce_add_sync(kFull, l & 63u))};
 }
 
 // Where key >= c: a += va (and b += vb). One compare and predicated float adds: ptxas keeps
@@ -222,8 +228,9 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
       if constexpr (kMass) add_if_ge(key[i], c, a[i & 3], w[i].lo, b[i & 3], w[i].hi);
       else add_if_ge(key[i], c, a[i & 3], 1.0f);
     }
-    int lane_ge;
-    const Sum wc = warp_sum<kMass>((a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3]), lane_ge);
+    const float sa = (a[0] + a[1]) + (a[2] + a[3]), sb = (b[0] + b[1]) + (b[2] + b[3]);
+    const Sum wc = warp_sum<kMass>(sa, sb);
+    const int lane_ge = lane_sum<kMass>(sa, sb).count;  // this lane's keys >= c
     const int in = wc.count - w_hi.count;  // keys in [c, hi)
     if (wc.mass >= target) {
       t = c;
@@ -273,12 +280,10 @@ __device__ Cut find_cut(const uint32_t (&key)[kPer], const Weight (&w)[kPer], u6
     }
     __syncwarp();  // the list is read before it is written again
     // W(>= kj): this lane's sums, without a reduction.
-    const uint32_t l = float_int(a[0] + a[1]);
-    const u64 ge = w_hi.mass + (kMass ? (static_cast<u64>(float_int(b[0] + b[1])) << 12) + (l >> 6) : l);
+    const u64 ge = w_hi.mass + lane_sum<kMass>(a[0] + a[1], b[0] + b[1]).mass;
     cut.t = __reduce_max_sync(kFull, has && ge >= target ? kj : 0u);
     const bool gt = has && kj > cut.t;
-    int unused;
-    const Sum s_gt = warp_sum<kMass>(gt ? wj.lo + kMagic : kMagic, gt ? wj.hi + kMagic : kMagic, unused);
+    const Sum s_gt = warp_sum<kMass>(gt ? wj.lo + kMagic : kMagic, gt ? wj.hi + kMagic : kMagic);
     w_gt.mass += s_gt.mass;
     w_gt.count += s_gt.count;
     cut.n_eq = __popc(__ballot_sync(kFull, has && kj == cut.t));
@@ -364,8 +369,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_warp(const SelectParams p)
         float a[2] = {kMagic, 0.0f}, b[2] = {kMagic, 0.0f};
 #pragma unroll
         for (int i = 0; i < kPer; ++i) a[i & 1] += w[i].lo, b[i & 1] += w[i].hi;
-        int unused;
-        const u64 total = warp_sum<true>(a[0] + a[1], b[0] + b[1], unused).mass;
+        const u64 total = warp_sum<true>(a[0] + a[1], b[0] + b[1]).mass;
         const double x_target = ceil(top_p * static_cast<double>(total));  // >= 1
         const u64 target = x_target >= static_cast<double>(total) ? total : static_cast<u64>(x_target);
         cut = find_cut<true>(key, w, target, kmin, kmax, n_cand, mine, unit, s_list[warp], lane);
